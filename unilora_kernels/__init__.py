@@ -1,0 +1,32 @@
+"""Fused kernels for Uni-LoRA: one trainable vector theta_d for a whole model.
+
+Public API: ``UniLoRAConfig``, ``inject``, ``UniLoRALinear``, ``from_peft``, ``load_adapter``,
+``save_adapter``, ``merge``, ``unmerge``, ``export_lora``, ``ops`` and ``build_info``.
+"""
+
+from . import ops
+from ._version import __version__
+from .backends import BackendNotAvailableError
+from .build_info import build_info
+from .config import UniLoRAConfig
+from .layer import UniLoRALinear
+from .model import export_lora, find_targets, inject, iter_layers, merge, unmerge
+from .peft_io import from_peft, load_adapter, save_adapter
+
+__all__ = [
+    "BackendNotAvailableError",
+    "UniLoRAConfig",
+    "UniLoRALinear",
+    "__version__",
+    "build_info",
+    "export_lora",
+    "find_targets",
+    "from_peft",
+    "inject",
+    "iter_layers",
+    "load_adapter",
+    "merge",
+    "ops",
+    "save_adapter",
+    "unmerge",
+]

@@ -1,0 +1,94 @@
+"""The one trainable vector theta_d, its projection, and the module that owns them.
+
+theta_d (fp32, shape (d,)) and the shared scale table are registered once, on an *owner*
+module (the model passed to ``inject``, or a standalone ``UniLoRALinear``), as the parameter
+``unilora_theta_d`` and the non-persistent buffer ``unilora_scales``. They are a parameter and
+a buffer rather than a child module so that containers such as ``nn.Sequential`` keep their
+forward, and so that ``model.to()`` moves them exactly once (one scale table per device, not
+one per layer). Layers reach them through a ``UniLoRABank``, a plain object.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import projection as P
+from .config import UniLoRAConfig
+
+THETA_NAME = "unilora_theta_d"
+SCALES_NAME = "unilora_scales"
+
+
+def init_theta(d: int, bound: float, init_weights: bool, device=None) -> torch.Tensor:
+    """PEFT's initialisation: uniform(-bound, bound), or randn when init_weights is False."""
+    theta = torch.empty(d, dtype=torch.float32)
+    if init_weights:
+        nn.init.uniform_(theta, -bound, bound)
+    else:
+        theta.normal_()
+    return theta.to(device) if device is not None else theta
+
+
+class UniLoRABank:
+    """Projection metadata plus access to the owner's theta_d and scale table."""
+
+    def __init__(self, owner: nn.Module, config: UniLoRAConfig, D: int, index: Optional[np.ndarray] = None):
+        d = config.theta_d_length
+        P.check_sizes(D, d)
+        self.owner = owner
+        self.config = config
+        self.D, self.d = D, d
+        self.projection = config.projection
+        self._table: Optional[torch.Tensor] = None
+        if self.projection == "uniform":
+            if index is None:
+                index = P.generate_index(D, d, config.proj_seed)
+            self._table = torch.from_numpy(index)
+            scales = P.uniform_scales(index, d)
+            self.key = None
+        else:
+            self.key = P.splitmix64(config.proj_seed)
+            scales = P.hashed_scales(D, d)
+        self.indices_from_seed = True
+        self._scales_init = scales
+
+    def attach(self, theta: torch.Tensor | nn.Parameter, device=None) -> None:
+        """Register theta_d and the scale table on the owner (once)."""
+        param = theta if isinstance(theta, nn.Parameter) else nn.Parameter(theta)
+        self.owner.register_parameter(THETA_NAME, param)
+        scales = self._scales_init if device is None else self._scales_init.to(device)
+        self.owner.register_buffer(SCALES_NAME, scales, persistent=False)
+        del self._scales_init
+
+    @property
+    def theta_d(self) -> nn.Parameter:
+        return getattr(self.owner, THETA_NAME)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return getattr(self.owner, SCALES_NAME)
+
+    def hashed_args(self, offset: int) -> list:
+        return [] if self.projection == "uniform" else [self.D, offset, self.key]
+
+    def layer_indices(self, offset: int, r: int, in_f: int, out_f: int):
+        """Views of this layer's slice of the int32 index table: A (r, in) then B (out, r)."""
+        if self._table is None:
+            raise RuntimeError("the index table was already handed out; create layers before release_table()")
+        n_a, n_b = r * in_f, out_f * r
+        if offset + n_a + n_b > self.D:
+            raise ValueError(f"layer slice [{offset}, {offset + n_a + n_b}) exceeds D = {self.D}")
+        idx_a = self._table[offset : offset + n_a].view(r, in_f)
+        idx_b = self._table[offset + n_a : offset + n_a + n_b].view(out_f, r)
+        return idx_a, idx_b
+
+    def release_table(self) -> None:
+        """Drop the bank's handle on the table; the layers' views keep what they use."""
+        self._table = None
+
+    def __repr__(self) -> str:
+        return f"UniLoRABank(D={self.D:,}, d={self.d:,}, projection={self.projection}, proj_seed={self.config.proj_seed})"

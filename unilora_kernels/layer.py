@@ -1,0 +1,256 @@
+"""``UniLoRALinear``: a base layer plus the Uni-LoRA update read from the shared theta_d."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import backends, ops, philox
+from .bank import UniLoRABank, init_theta
+from .config import UniLoRAConfig, requested_backend
+
+try:  # GPT-2 style layers store the weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is optional
+    Conv1D = None
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer, or a TypeError."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if Conv1D is not None and isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    if isinstance(in_f, int) and isinstance(out_f, int):
+        return in_f, out_f  # any layer mapping (..., in) -> (..., out), e.g. a quantised linear
+    raise TypeError(
+        f"unsupported base layer {type(base).__name__}: UniLoRALinear wraps torch.nn.Linear, "
+        "transformers Conv1D, or a module with int attributes in_features/out_features"
+    )
+
+
+def _fused_kind(base: nn.Module) -> Optional[bool]:
+    """weight_t flag when the base is exactly nn.Linear (False) or Conv1D (True), else None."""
+    if type(base) is nn.Linear:
+        return False
+    if Conv1D is not None and type(base) is Conv1D:
+        return True
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
+    )
+
+
+class UniLoRALinear(nn.Module):
+    """A frozen base layer ``(..., in) -> (..., out)`` plus ``drop(x) A^T B^T``, A and B read from theta_d.
+
+    Standalone (``bank=None``) it owns a theta_d of its own, of length ``theta_d_length``::
+
+        layer = UniLoRALinear(nn.Linear(1024, 1024), r=4, theta_d_length=4096)
+
+    ``inject`` builds the layers of a model with one shared bank and consecutive slices of D.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 4,
+        theta_d_length: int = 256,
+        proj_seed: int = 42,
+        unilora_dropout: float = 0.0,
+        init_theta_d_bound: float = 0.02,
+        init_weights: bool = True,
+        projection: str = "uniform",
+        backend: str = "auto",
+        *,
+        bank: Optional[UniLoRABank] = None,
+        offset: int = 0,
+    ):
+        super().__init__()
+        in_f, out_f = base_features(base_layer)
+        if bank is None:
+            config = UniLoRAConfig(
+                r=r,
+                theta_d_length=theta_d_length,
+                proj_seed=proj_seed,
+                unilora_dropout=unilora_dropout,
+                init_theta_d_bound=init_theta_d_bound,
+                init_weights=init_weights,
+                projection=projection,
+                backend=backend,
+            )
+            device = _param_device(base_layer)
+            bank = UniLoRABank(self, config, D=r * (in_f + out_f))
+            bank.attach(init_theta(config.theta_d_length, init_theta_d_bound, init_weights, device), device)
+            offset = 0
+        else:
+            config = bank.config
+        self.base_layer = base_layer
+        self.bank = bank  # plain attribute: the bank is not a module, its owner holds theta_d
+        self.in_features, self.out_features = in_f, out_f
+        self.r = config.r
+        self.offset = offset
+        self.unilora_dropout = float(config.unilora_dropout)
+        self.backend = config.backend
+        self.merged = False
+        self.adapter_enabled = True
+        self._weight_t = _fused_kind(base_layer)
+        self._hashed = bank.hashed_args(offset)
+        device = _param_device(base_layer)
+        if bank.projection == "uniform":
+            idx_a, idx_b = bank.layer_indices(offset, self.r, in_f, out_f)
+            idx_a, idx_b = idx_a.to(device), idx_b.to(device)
+        else:
+            idx_a = idx_b = torch.empty(0, dtype=torch.int32, device=device)
+        persistent = bool(config.save_indices) and bank.projection == "uniform"
+        self.register_buffer("unilora_indices_A", idx_a, persistent=persistent)
+        self.register_buffer("unilora_indices_B", idx_b, persistent=persistent)
+        if bank.owner is self:
+            bank.release_table()
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def theta_d(self) -> nn.Parameter:
+        return self.bank.theta_d
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for code that inspects ``module.weight``."""
+        return self.base_layer.weight
+
+    def requested_backend(self) -> str:
+        """``self.backend`` (settable per layer), with UNILORA_BACKEND taking over "auto"."""
+        return requested_backend(self.backend)
+
+    def resolved_backend(self, device_type: Optional[str] = None) -> str:
+        """The concrete backend that runs for tensors on ``device_type`` (default: the layer's)."""
+        if device_type is None:
+            device_type = self.unilora_indices_A.device.type
+        return backends.resolve(self.requested_backend(), device_type)
+
+    def projection(self, device=None) -> backends.LayerProjection:
+        scales = self.bank.scales if device is None else self.bank.scales.to(device)
+        return backends.LayerProjection(
+            self.unilora_indices_A, self.unilora_indices_B, scales, self.r,
+            self.in_features, self.out_features, tuple(self._hashed),
+        )
+
+    def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense fp32 A (r x in) and B (out x r) of this layer (for merge, export, inspection)."""
+        theta = self.theta_d.detach()
+        proj = self.projection(theta.device)
+        impl = backends.get_backend(self.resolved_backend(theta.device.type), theta.device.type)
+        return impl.lora_matrices(theta, proj)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B A`` in the base weight's layout ((in, out) for Conv1D), fp32."""
+        A, B = self.lora_matrices()
+        dw = B @ A
+        return dw.t() if self._weight_t else dw
+
+    def merge(self) -> None:
+        """Add ``B A`` into the base weight; forward then runs the base layer alone."""
+        if self.merged:
+            warnings.warn("UniLoRALinear.merge(): already merged, nothing to do", stacklevel=2)
+            return
+        weight = self._dense_weight("merge")
+        with torch.no_grad():
+            weight.add_(self.delta_weight().to(device=weight.device, dtype=weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``B A`` from the base weight again (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            warnings.warn("UniLoRALinear.unmerge(): not merged, nothing to do", stacklevel=2)
+            return
+        weight = self._dense_weight("unmerge")
+        with torch.no_grad():
+            weight.sub_(self.delta_weight().to(device=weight.device, dtype=weight.dtype))
+        self.merged = False
+
+    def _dense_weight(self, what: str) -> torch.Tensor:
+        weight = getattr(self.base_layer, "weight", None)
+        expected = (self.in_features, self.out_features) if self._weight_t else (self.out_features, self.in_features)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or tuple(weight.shape) != expected:
+            raise TypeError(f"cannot {what} into {type(self.base_layer).__name__}: it has no dense float weight {expected}")
+        return weight
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        if self.merged or not self.adapter_enabled:
+            if self.merged and torch.is_grad_enabled() and self.theta_d.requires_grad and self.training:
+                warnings.warn("UniLoRALinear is merged: theta_d gets no gradient until unmerge()", stacklevel=2)
+            return base(x, *args, **kwargs)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
+        theta = self.theta_d
+        if theta.device != x.device:
+            theta = theta.to(x.device)
+        scales = self.bank.scales
+        if scales.device != x.device:
+            scales = scales.to(x.device)
+        p = self.unilora_dropout if self.training else 0.0
+        seed = philox.new_seed() if p > 0 else None
+        backend = backends.resolve(self.requested_backend(), x.device.type)
+        proj_args = (theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed, backend)
+        if self._weight_t is not None and not args and not kwargs and self._can_fuse(x):
+            out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)
+            return out
+        base_out = base(x, *args, **kwargs)
+        if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
+            raise ValueError(f"base layer returned shape {tuple(base_out.shape)} for input {tuple(x.shape)}")
+        if torch.is_grad_enabled() and (base_out.requires_grad or theta.requires_grad or x.requires_grad):
+            out, _ = torch.ops.unilora.add_update(base_out, x, *proj_args)
+            return out
+        if _owns_storage(base_out, x):
+            torch.ops.unilora.add_update_(base_out, x, *proj_args)
+            return base_out
+        out, _ = torch.ops.unilora.add_update(base_out, x, *proj_args)
+        return out
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        base = self.base_layer
+        return (
+            x.dtype == base.weight.dtype
+            and x.device == base.weight.device
+            and not torch.is_autocast_enabled(x.device.type)
+            and not _has_hooks(base)
+        )
+
+    def extra_repr(self) -> str:
+        try:
+            resolved = self.resolved_backend()
+        except backends.BackendNotAvailableError as exc:
+            resolved = f"unavailable: {exc}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"d={self.bank.d}, projection={self.bank.projection}, backend={self.requested_backend()}"
+            f"->{resolved}, dropout={self.unilora_dropout}, merged={self.merged}"
+        )
+
+
+def _param_device(module: nn.Module):
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _owns_storage(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """True when ``out`` is a fresh tensor we may update in place (not x, not a view of a leaf)."""
+    return (
+        out._base is None
+        and not out.requires_grad
+        and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    )
