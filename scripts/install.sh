@@ -42,6 +42,8 @@ PY
 )"
 if [ -n "$NV_INC" ]; then export CPATH="$NV_INC${CPATH:+:$CPATH}"; fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# Keep ptxas register/spill reports of every CUDA kernel in the build log (checked by a test).
+export UNILORA_PTXAS_VERBOSE="${UNILORA_PTXAS_VERBOSE:-1}"
 
 step "building and installing unilora_kernels (CUDA_HOME=${CUDA_HOME:-none}, archs=$TORCH_CUDA_ARCH_LIST)"
 mkdir -p "$ROOT/build/logs"

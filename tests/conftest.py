@@ -1,0 +1,69 @@
+"""Shared fixtures. Tests import the *installed* package (scripts/test.sh runs pytest with -P)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (run on a GPU host: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(1234)
+    yield
+
+
+def _quiet_transformers():
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def tiny_llama(vocab: int = 61, hidden: int = 40, inter: int = 56, layers: int = 2, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _quiet_transformers()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(vocab: int = 61, embd: int = 36, layers: int = 2, dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _quiet_transformers()
+    cfg = GPT2Config(vocab_size=vocab, n_embd=embd, n_layer=layers, n_head=4, n_positions=32,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+@pytest.fixture
+def llama():
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    torch.manual_seed(0)
+    return tiny_gpt2()
+
+
+def twin(model):
+    return copy.deepcopy(model), copy.deepcopy(model)
+
