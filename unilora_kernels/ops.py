@@ -19,6 +19,7 @@ given by ``scales``, ``idx_a``/``idx_b`` (uniform) or ``hashed = [D, offset, key
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -65,6 +66,13 @@ def _base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bo
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
+def _exact(device_type: str):
+    """Backends compute in the dtypes they are given: autocast must not re-cast their math."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward_into(out, x, theta, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend) -> Tensor:
     """out += drop(x) A^T B^T in place (out contiguous); returns h (M x r)."""
     out_f = out.shape[-1]
@@ -73,7 +81,8 @@ def _forward_into(out, x, theta, scales, idx_a, idx_b, r, hashed, dropout_p, see
         return x.new_empty((0, r), dtype=h_dtype(x, theta))
     impl = backends.get_backend(backend, x.device.type)
     proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
-    return impl.forward_(out.view(-1, out_f), x2d, theta, proj, dropout_p, _seed_value(dropout_p, seed))
+    with _exact(x.device.type):
+        return impl.forward_(out.view(-1, out_f), x2d, theta, proj, dropout_p, _seed_value(dropout_p, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,9 +211,10 @@ def _backward_op(
         impl = backends.get_backend(backend, x.device.type)
         proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
         seed_v = _seed_value(dropout_p, seed)
-        grad_x2d, grad_theta = impl.backward(
-            g2d, x2d, theta_d, proj, dropout_p, seed_v, h, grad_x2d, need_grad_x, need_grad_theta
-        )
+        with _exact(x.device.type):
+            grad_x2d, grad_theta = impl.backward(
+                g2d, x2d, theta_d, proj, dropout_p, seed_v, h, grad_x2d, need_grad_x, need_grad_theta
+            )
     grad_x = grad_x2d.view(x.shape) if need_grad_x else x.new_empty(0)
     if not need_grad_theta:
         grad_theta = theta_d.new_empty(0)

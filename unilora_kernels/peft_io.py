@@ -31,6 +31,7 @@ from .model import (
     _name_or_path,
     build_layers,
     find_bank,
+    find_targets,
     iter_layers,
     plan,
 )
@@ -235,6 +236,13 @@ def _check_same_adapter(model, bank: UniLoRABank, config: UniLoRAConfig, index_k
                 f"{getattr(config, field)!r}; load it into a fresh model instead"
             )
     layers = iter_layers(model)
+    mine = [n for n, _ in layers]
+    theirs = [n for n, _ in find_targets(model, config) if n in set(mine) or not n.endswith(".base_layer")]
+    if theirs != mine:
+        raise ValueError(
+            f"{where}: the checkpoint adapts {len(theirs)} layers ({theirs[:3]}...), the model's adapter "
+            f"{len(mine)} ({mine[:3]}...); load it into a fresh model instead"
+        )
     features = [(l.in_features, l.out_features) for _, l in layers]
     D = sum(config.r * (i + o) for i, o in features)
     if D != bank.D:

@@ -34,21 +34,24 @@ def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.randint(seed, offsets)`` for int64 offsets, as uint32 values in an int64 tensor."""
-    offsets = offsets.to(torch.int64)
-    c0 = offsets & MASK32
-    c1 = (offsets >> 32) & MASK32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
-    for _ in range(PHILOX_ROUNDS):
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 (Salmon et al., Random123) on int64 tensors holding uint32 counters."""
+    for _ in range(rounds):
         hi_b, lo_b = _mulhilo32(c2, PHILOX_ROUND_B)
         hi_a, lo_a = _mulhilo32(c0, PHILOX_ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + PHILOX_KEY_A) & MASK32
         k1 = (k1 + PHILOX_KEY_B) & MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, offsets)`` for int64 offsets, as uint32 values in an int64 tensor."""
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & MASK32
+    c1 = (offsets >> 32) & MASK32
+    zero = torch.zeros_like(c0)
+    return philox4x32(c0, c1, zero, zero, seed & MASK32, (seed >> 32) & MASK32)[0]
 
 
 def fold31(r: torch.Tensor) -> torch.Tensor:
