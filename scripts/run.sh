@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install from scratch (scripts/install.sh), then run the package's main job.
+# Install from scratch (scripts/install.sh), then run the package's main job: the benchmarks
+# against the naive PyTorch projection. Arguments go to benchmarks/run.py (e.g. --quick).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/install.sh"
 cd "$ROOT"
-step "fine-tuning a tiny LLaMA with Uni-LoRA on CPU"
-"$VENV/bin/python" -P examples/finetune_tiny.py "$@"
+step "benchmarking Uni-LoRA layers and a small model (python benchmarks/run.py $*)"
+"$VENV/bin/python" -P benchmarks/run.py "$@"

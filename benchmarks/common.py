@@ -1,0 +1,162 @@
+"""Timing, environment and memory measurement shared by the layer and model benchmarks."""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+# ------------------------------------------------------------------ environment -------------
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{cpu_name()}-{torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    import unilora_kernels as uk
+
+    info = uk.build_info()
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "peft": peft_version,
+        "threads": torch.get_num_threads(),
+        "unilora_kernels": info["version"],
+        "backends": info["backends"],
+        "python": platform.python_version(),
+    }
+
+
+# ------------------------------------------------------------------ timing -------------------
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timing:
+    """Median and 20/80 percentiles: do_bench on GPU, torch.utils.benchmark on CPU (after warm-up)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        rep = 40 if quick else 200
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 50, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return Timing(med, p20, p80, -1)
+    from torch.utils import benchmark
+
+    fn()  # warm-up: lazy initialisation, allocator, caches
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=0.25 if quick else 1.0)
+    times = sorted(m.times)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return Timing(m.median * 1e3, q[0] * 1e3, q[3] * 1e3, len(m.raw_times) * m.number_per_run)
+
+
+# ------------------------------------------------------------------ memory -------------------
+def saved_for_backward_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd saves while ``fn`` runs its forward."""
+    seen = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def largest_allocation_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """The largest single allocation while ``fn`` runs (the profiler attributes each to its op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_memory_usage" if device.type == "cuda" else "self_cpu_memory_usage"
+    return max([getattr(e, key, 0) or 0 for e in prof.events()] + [0])
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak allocated GPU memory above what was allocated before ``fn`` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def progress(total: int, desc: str):
+    """A tqdm progress bar on stderr (a plain counter when tqdm is missing)."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, leave=True)
+    except ImportError:  # pragma: no cover
+        class _Plain:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k=1):
+                self.n += k
+                print(f"\r{desc}: {self.n}/{total}", end="", flush=True, file=sys.stderr)
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                print(file=sys.stderr)
+
+        return _Plain()

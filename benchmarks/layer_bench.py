@@ -1,0 +1,181 @@
+"""Layer benchmark: UniLoRALinear (every available backend) beside the naive projection (PEFT's
+layer and this repo's copy of it), PEFT LoRA at the same r, and the frozen base layer.
+
+Every candidate is checked against the naive projection at the size it is timed, before it is
+timed; a candidate whose output or gradients disagree is recorded as wrong and not timed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+import unilora_kernels as uk
+from unilora_kernels import backends
+from unilora_kernels import projection as P
+
+from common import largest_allocation_bytes, peak_memory_bytes, saved_for_backward_bytes, time_fn
+from naive import NaiveUniLoRALinear
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class Candidate:
+    name: str  # e.g. "unilora[triton]", "peft-unilora", "naive", "peft-lora", "base"
+    module: nn.Module
+    kind: str  # "unilora" (same function as naive), "lora", "base"
+    backend: str = ""
+    index_bytes_per_elem: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def benchmark_backends(device: torch.device) -> list:
+    """Backends worth timing on this device (never the Triton interpreter)."""
+    names = []
+    for name in ("reference", "cpu", "triton", "cuda"):
+        if name == "triton" and device.type != "cuda":
+            continue
+        try:
+            backends.get_backend(name, device.type)
+        except backends.BackendNotAvailableError:
+            continue
+        names.append(name)
+    return names
+
+
+def build_candidates(in_f, out_f, r, d, dtype, device, seed=0, with_peft=True) -> list:
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(out_f, in_f, generator=g) / in_f**0.5)
+        base.bias.copy_(torch.randn(out_f, generator=g) * 0.1)
+    base = base.to(device=device, dtype=dtype).requires_grad_(False)
+    D = r * (in_f + out_f)
+    index = P.generate_index(D, d, seed)
+    scales = P.uniform_scales(index, d).to(device)
+    table = torch.from_numpy(index)
+    idx_a = table[: r * in_f].view(r, in_f).to(device)
+    idx_b = table[r * in_f :].view(out_f, r).to(device)
+    # A large theta makes the update visible next to the base output, so the check means something.
+    theta = (torch.rand(d, generator=g) * 2 - 1).to(device)
+
+    out = [Candidate("base", copy.deepcopy(base), "base")]
+    naive = NaiveUniLoRALinear(copy.deepcopy(base), nn.Parameter(theta.clone()), idx_a, idx_b, scales)
+    out.append(Candidate("naive", naive, "unilora", index_bytes_per_elem=12.0))
+    if with_peft:
+        try:
+            from peft import LoraConfig, UniLoraConfig, get_peft_model
+        except ImportError:
+            with_peft = False
+    if with_peft:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(nn.Sequential(copy.deepcopy(base)),
+                                UniLoraConfig(r=r, theta_d_length=d, proj_seed=seed, target_modules=["0"]))
+            layer = pm.base_model.model[0]
+            with torch.no_grad():
+                pm.base_model.unilora_theta_d["default"].copy_(theta)
+            per_elem = sum(b.numel() * b.element_size() for n, b in layer.named_buffers()
+                           if "indices" in n or "scales" in n) / D
+            out.append(Candidate("peft-unilora", layer, "unilora", index_bytes_per_elem=per_elem,
+                                 extra={"owner": pm}))
+            lm = get_peft_model(nn.Sequential(copy.deepcopy(base)),
+                                LoraConfig(r=r, lora_alpha=r, target_modules=["0"], lora_dropout=0.0))
+            out.append(Candidate("peft-lora", lm.base_model.model[0], "lora", extra={"owner": lm}))
+    for name in benchmark_backends(device):
+        layer = uk.UniLoRALinear(copy.deepcopy(base), r=r, theta_d_length=d, proj_seed=seed, backend=name)
+        with torch.no_grad():
+            layer.theta_d.copy_(theta)
+        per_elem = (layer.unilora_indices_A.numel() + layer.unilora_indices_B.numel()) * 4 / D
+        out.append(Candidate(f"unilora[{name}]", layer, "unilora", backend=name, index_bytes_per_elem=per_elem))
+    return out
+
+
+def trainables(module: nn.Module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def make_fns(c: Candidate, x: torch.Tensor, g: torch.Tensor):
+    """(inference fn, training fn) for a candidate; training returns the gradients."""
+    layer = c.module
+    params = trainables(layer)
+    xg = x.detach().requires_grad_(True)
+
+    def infer():
+        with torch.no_grad():
+            return layer(x)
+
+    def train():
+        y = layer(xg)
+        return torch.autograd.grad(y, [xg] + params, g)
+
+    return infer, train
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+def check(c: Candidate, ref: dict, x, g, mode: str, dtype) -> tuple[bool, str]:
+    """Compare a candidate with the naive projection's results (output; in training also grads)."""
+    infer, train = make_fns(c, x, g)
+    tol = TOL[dtype]
+    if mode == "inference":
+        err = _rel_err(infer(), ref["out"])
+        return err <= tol, f"out rel err {err:.2e}"
+    grads = train()
+    errs = {"grad_x": _rel_err(grads[0], ref["grad_x"]), "grad_theta": _rel_err(grads[1], ref["grad_theta"])}
+    worst = max(errs, key=errs.get)
+    return errs[worst] <= tol, f"{worst} rel err {errs[worst]:.2e}"
+
+
+def reference_results(naive: Candidate, x, g) -> dict:
+    infer, train = make_fns(naive, x, g)
+    grads = train()
+    return {"out": infer(), "grad_x": grads[0], "grad_theta": grads[1]}
+
+
+def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, measure_memory, bar) -> list:
+    gen = torch.Generator().manual_seed(M)
+    x = torch.randn(M, in_f, generator=gen).to(device=device, dtype=dtype)
+    g = torch.randn(M, out_f, generator=gen).to(device=device, dtype=dtype)
+    naive = next(c for c in cands if c.name == "naive")
+    ref = reference_results(naive, x, g)
+    rows = []
+    for mode in modes:
+        timings = {}
+        for c in cands:
+            row = dict(mode=mode, in_features=in_f, out_features=out_f, r=r, d=d, M=M, candidate=c.name,
+                       backend=c.backend, kind=c.kind, index_bytes_per_elem=c.index_bytes_per_elem)
+            if c.kind == "unilora":
+                ok, detail = check(c, ref, x, g, mode, dtype)
+            else:
+                ok, detail = True, "not the same function (timed as a reference point)"
+            row.update(correct=ok, check=detail)
+            if ok:
+                infer, train = make_fns(c, x, g)
+                fn = infer if mode == "inference" else train
+                t = time_fn(fn, device, quick)
+                row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
+                timings[c.name] = t.median_ms
+                if measure_memory and mode == "training":
+                    row["saved_bytes"] = saved_for_backward_bytes(lambda: c.module(x.detach().requires_grad_(True)))
+                    row["largest_alloc_bytes"] = largest_allocation_bytes(fn, device)
+                    row["peak_mem_bytes"] = peak_memory_bytes(fn, device)
+            rows.append(row)
+            bar.update(1)
+        naive_ref = "peft-unilora" if "peft-unilora" in timings else "naive"
+        for row in rows[-len(cands):]:
+            if "median_ms" in row:
+                row["naive_ref"] = naive_ref
+                row["ratio_to_naive"] = row["median_ms"] / timings[naive_ref] if naive_ref in timings else None
+                row["ratio_to_base"] = row["median_ms"] / timings["base"] if "base" in timings else None
+    return rows
