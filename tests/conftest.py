@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import copy
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler (memory tests) quiet
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # No GPU: the Triton backend runs on CPU tensors through the interpreter, which must be on
+    # before unilora_kernels.triton_kernels is imported (an explicit TRITON_INTERPRET=0 wins).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
