@@ -46,14 +46,15 @@ def extension_modules():
     use_cuda = bool(cu) and not force_cpu and (force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None))
     if force_cuda and CUDA_HOME is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch's cpp_extension adds the standard its headers need (C++17 or C++20).
+    cxx = ["-O3"]
     define_macros = []
     if use_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define_macros.append(("UNILORA_WITH_CUDA", "1"))
         define_macros.append(("UNILORA_CUDA_ARCHS", '"' + archs.replace(" ", "") + '"'))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "-lineinfo"]
         if _flag("UNILORA_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")
         ext = CUDAExtension(

@@ -1,0 +1,85 @@
+// Shared by the CUDA translation units: the projection as kernels read it, and launch helpers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+#include "index_math.h"
+#include "unilora.h"
+
+namespace unilora {
+namespace cuda {
+
+// A layer's projection by value (kernel parameter): element i of the flattened [A | B]
+// (0 <= i < n, n < 2^31) reads theta_d[j] * scale, (j, scale) = lookup(i).
+struct ProjView {
+  const int32_t* ia;    // uniform: idx_a (r x in) flattened; hashed: unused
+  const int32_t* ib;    // uniform: idx_b (out x r) flattened
+  const float* scales;  // uniform: (d,); hashed: (2,)
+  int32_t na;           // r * in
+  int32_t n;            // r * (in + out)
+  int32_t d;
+  bool hashed;
+  int32_t offset;  // hashed: position of A[0, 0] in theta_D (< 2^31)
+  HashedProjection hp;
+};
+
+inline ProjView make_view(const Projection& pj) {
+  ProjView v{};
+  v.hashed = pj.hashed;
+  v.ia = pj.hashed ? nullptr : pj.idx_a.data_ptr<int32_t>();
+  v.ib = pj.hashed ? nullptr : pj.idx_b.data_ptr<int32_t>();
+  v.scales = pj.scales.data_ptr<float>();
+  v.na = static_cast<int32_t>(pj.numel_a());
+  v.n = static_cast<int32_t>(pj.numel());
+  v.d = static_cast<int32_t>(pj.d);
+  v.offset = static_cast<int32_t>(pj.offset);
+  v.hp = pj.hp;
+  return v;
+}
+
+// (theta_d index, scale) of element i. An out-of-range uniform index is a device-side assert,
+// as in PyTorch's own index kernels (the host cannot check without reading the whole table).
+__device__ __forceinline__ int32_t lookup(const ProjView& p, int32_t i, float* scale) {
+  if (p.hashed) {
+    const int32_t j = static_cast<int32_t>(hashed_index(static_cast<int64_t>(p.offset) + i, p.hp));
+    *scale = __ldg(p.scales + (j < p.hp.rem ? 1 : 0));
+    return j;
+  }
+  const int32_t j = i < p.na ? __ldg(p.ia + i) : __ldg(p.ib + (i - p.na));
+  CUDA_KERNEL_ASSERT(j >= 0 && j < p.d && "unilora: projection index outside [0, d)");
+  *scale = __ldg(p.scales + j);
+  return j;
+}
+
+// a * b rounded on its own: nvcc contracts `g += a * b` into an FMA (one rounding), which the
+// CPU's separate multiply and add do not do; the deterministic scatter must match it bit for bit.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// Blocks for a grid-stride loop over n elements with `threads` per block.
+inline unsigned grid_for(int64_t n, int threads) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (n + threads - 1) / threads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, sms * 8)));
+}
+
+// Projection kernels (cuda_projection.cu), used by the forward/backward orchestration.
+// gather: A (r x in), B (out x r) in `dtype` (any float type; fp16/bf16 feed cuBLAS directly).
+std::tuple<at::Tensor, at::Tensor> gather(const at::Tensor& theta, const Projection& pj, at::ScalarType dtype);
+// xd = x * keep * scale (x row-strided, xd contiguous, same dtype).
+at::Tensor dropout(const at::Tensor& x, const Dropout& dr);
+// dst += src * keep * scale (fresh == false) or dst = src * keep * scale (fresh); dst contiguous.
+void masked_add_(at::Tensor& dst, const at::Tensor& src, const Dropout& dr, bool fresh);
+
+// Fused small-M forward (cuda_decode.cu): returns false when the shape or dtypes are outside it.
+bool decode_forward(at::Tensor& out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
+                    const Dropout& dr, at::Tensor& h);
+
+}  // namespace cuda
+}  // namespace unilora

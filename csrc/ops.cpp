@@ -1,0 +1,366 @@
+// The registration file: schemas of the unilora_C ops, their argument checks, and the CPU and
+// CUDA implementations. Fake (meta) kernels and autograd are registered from Python
+// (unilora_kernels/backends/extension.py), as torch.library recommends for C++ ops.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "unilora.h"
+
+namespace unilora {
+
+namespace {
+constexpr int64_t kInt32Limit = int64_t(1) << 31;
+
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+}  // namespace
+
+at::ScalarType compute_dtype(std::initializer_list<at::ScalarType> dtypes) {
+  for (auto t : dtypes) {
+    if (t == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+void check_theta(const at::Tensor& theta) {
+  TORCH_CHECK(theta.dim() == 1 && (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble),
+              "unilora: theta_d must be a 1-D float32 (or float64) tensor, got ", theta.scalar_type(), " of shape ",
+              theta.sizes());
+  // A non-contiguous theta_d would need a d-length copy: the memory rules forbid it.
+  TORCH_CHECK(theta.is_contiguous(), "unilora: theta_d must be contiguous");
+  TORCH_CHECK(theta.size(0) > 0, "unilora: theta_d is empty");
+}
+
+Projection make_projection(int64_t d, const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b,
+                           int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hashed) {
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
+              "unilora: scales must be a contiguous 1-D float32 tensor, got ", scales.scalar_type(), " ",
+              scales.sizes());
+  TORCH_CHECK(r > 0 && in_f > 0 && out_f > 0, "unilora: r, in_features and out_features must be positive, got r=",
+              r, ", in=", in_f, ", out=", out_f);
+  TORCH_CHECK(d > 0 && d < kInt32Limit, "unilora: theta_d length d = ", d, " must be in [1, 2^31)");
+  Projection pj;
+  pj.scales = scales;
+  pj.r = r;
+  pj.in_f = in_f;
+  pj.out_f = out_f;
+  pj.d = d;
+  TORCH_CHECK(r * (in_f + out_f) < kInt32Limit, "unilora: the layer has r*(in+out) = ", r * (in_f + out_f),
+              " LoRA parameters; at most 2^31 - 1 are supported");
+  if (!hashed.empty()) {
+    TORCH_CHECK(hashed.size() == 3, "unilora: hashed must be [D, offset, key], got ", hashed.size(), " values");
+    const int64_t D = hashed[0], offset = hashed[1];
+    TORCH_CHECK(D > 0 && D < kInt32Limit, "unilora: hashed projection D = ", D, " must be in [1, 2^31)");
+    TORCH_CHECK(offset >= 0 && offset + pj.numel() <= D, "unilora: hashed projection slice [", offset, ", ",
+                offset + pj.numel(), ") does not fit D = ", D);
+    TORCH_CHECK(scales.numel() == 2, "unilora: the hashed projection takes 2 scales, got ", scales.numel());
+    pj.hashed = true;
+    pj.offset = offset;
+    pj.hp = make_hashed_projection(D, d, hashed[2]);
+    return pj;
+  }
+  TORCH_CHECK(scales.numel() == d, "unilora: scales has ", scales.numel(), " entries but theta_d has d = ", d);
+  const std::pair<const at::Tensor*, std::array<int64_t, 2>> idx[] = {{&idx_a, {r, in_f}}, {&idx_b, {out_f, r}}};
+  const char* names[] = {"idx_a", "idx_b"};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *idx[i].first;
+    TORCH_CHECK(t.scalar_type() == at::kInt, "unilora: ", names[i], " must be int32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == idx[i].second[0] && t.size(1) == idx[i].second[1], "unilora: ",
+                names[i], " has shape ", t.sizes(), ", expected [", idx[i].second[0], ", ", idx[i].second[1],
+                "] for r=", r, ", in=", in_f, ", out=", out_f);
+    TORCH_CHECK(t.is_contiguous(), "unilora: ", names[i], " must be contiguous");
+    TORCH_CHECK(t.device() == scales.device(), "unilora: ", names[i], " is on ", t.device(), " but scales on ",
+                scales.device());
+  }
+  pj.idx_a = idx_a;
+  pj.idx_b = idx_b;
+  return pj;
+}
+
+static void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "unilora: ", name, " is on ", t.device(), " but theta_d on ",
+              ref.device());
+}
+
+void check_forward(const at::Tensor& out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == pj.in_f, "unilora: x must be 2-D (M, ", pj.in_f, "), got ", x.sizes());
+  TORCH_CHECK(is_float(x.scalar_type()), "unilora: x must be float16/bfloat16/float32/float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == pj.out_f, "unilora: out must be (",
+              x.size(0), ", ", pj.out_f, "), got ", out.sizes());
+  TORCH_CHECK(is_float(out.scalar_type()), "unilora: out must be a float tensor, got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "unilora: out must be contiguous (it is updated in place)");
+  check_same_device(x, "x", theta);
+  check_same_device(out, "out", theta);
+}
+
+void check_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
+                    const at::Tensor& h, const c10::optional<at::Tensor>& grad_x, bool h_may_be_empty) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == pj.in_f, "unilora: x must be 2-D (M, ", pj.in_f, "), got ", x.sizes());
+  TORCH_CHECK(is_float(x.scalar_type()), "unilora: x must be a float tensor, got ", x.scalar_type());
+  const int64_t M = x.size(0);
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == M && g.size(1) == pj.out_f, "unilora: grad_out must be (", M, ", ",
+              pj.out_f, "), got ", g.sizes());
+  TORCH_CHECK(is_float(g.scalar_type()), "unilora: grad_out must be a float tensor, got ", g.scalar_type());
+  TORCH_CHECK(h.dim() == 2 && (h.size(0) == M || (h_may_be_empty && h.size(0) == 0)) && h.size(1) == pj.r,
+              "unilora: h must be (", M, ", ", pj.r, ")", h_may_be_empty ? " or (0, r)" : "", ", got ", h.sizes());
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
+              "unilora: h must be float32 or float64, got ", h.scalar_type());
+  check_same_device(x, "x", theta);
+  check_same_device(g, "grad_out", theta);
+  check_same_device(h, "h", theta);
+  if (grad_x.has_value()) {
+    const at::Tensor& gx = *grad_x;
+    TORCH_CHECK(gx.dim() == 2 && gx.size(0) == M && gx.size(1) == pj.in_f, "unilora: grad_x must be (", M, ", ",
+                pj.in_f, "), got ", gx.sizes());
+    TORCH_CHECK(is_float(gx.scalar_type()), "unilora: grad_x must be a float tensor, got ", gx.scalar_type());
+    TORCH_CHECK(gx.is_contiguous(), "unilora: grad_x must be contiguous (it is updated in place)");
+    check_same_device(gx, "grad_x", theta);
+  }
+}
+
+namespace {
+
+void check_dropout(double p) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "unilora: dropout probability must be in [0, 1], got ", p);
+}
+
+// ---- op implementations: argument checks, then the device's kernels ----
+Projection layer_projection(const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
+                            const at::Tensor& idx_b, int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hashed) {
+  check_theta(theta);
+  check_same_device(scales, "scales", theta);
+  return make_projection(theta.size(0), scales, idx_a, idx_b, r, in_f, out_f, hashed);
+}
+
+int64_t features(const at::Tensor& t) { return t.dim() == 2 ? t.size(1) : -1; }
+
+using ForwardFn = at::Tensor (*)(at::Tensor, const at::Tensor&, const at::Tensor&, const Projection&, const Dropout&);
+
+template <ForwardFn impl>
+at::Tensor forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& scales,
+                      const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed,
+                      double p, int64_t seed) {
+  check_dropout(p);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hashed);
+  check_forward(out, x, theta, pj);
+  const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
+  if (x.size(0) == 0) return at::empty({0, r}, x.options().dtype(cd));
+  return impl(out, x, theta, pj, make_dropout(p, seed));
+}
+
+using BackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                          const Projection&, const Dropout&, const at::Tensor&,
+                                                          c10::optional<at::Tensor>, bool, bool, bool);
+
+template <BackwardFn impl>
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta,
+                                               const at::Tensor& scales, const at::Tensor& idx_a,
+                                               const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p,
+                                               int64_t seed, const at::Tensor& h, c10::optional<at::Tensor> grad_x,
+                                               bool need_x, bool need_theta, bool deterministic) {
+  check_dropout(p);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hashed);
+  check_backward(g, x, theta, pj, h, grad_x, false);
+  if (x.size(0) == 0) {  // nothing flows back; keep the output contract
+    at::Tensor gx = need_x && !grad_x.has_value() ? at::zeros_like(x, at::MemoryFormat::Contiguous)
+                                                  : at::empty({0}, x.options());
+    at::Tensor gt = need_theta ? at::zeros_like(theta) : at::empty({0}, theta.options());
+    return {gx, gt};
+  }
+  return impl(g, x, theta, pj, make_dropout(p, seed), h, std::move(grad_x), need_x, need_theta, deterministic);
+}
+
+template <std::tuple<at::Tensor, at::Tensor> (*gather)(const at::Tensor&, const Projection&, at::ScalarType)>
+std::tuple<at::Tensor, at::Tensor> lora_matrices_op(const at::Tensor& theta, const at::Tensor& scales,
+                                                    const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
+                                                    int64_t in_f, int64_t out_f, at::IntArrayRef hashed) {
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, in_f, out_f, hashed);
+  return gather(theta, pj, theta.scalar_type());
+}
+
+using ScatterFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const Projection&, at::ScalarType, bool);
+
+template <ScatterFn impl>
+at::Tensor scatter_op(const at::Tensor& dA, const at::Tensor& dB, const at::Tensor& scales, const at::Tensor& idx_a,
+                      const at::Tensor& idx_b, int64_t d, at::IntArrayRef hashed, at::ScalarType dtype,
+                      bool deterministic) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "unilora: grad_theta dtype must be float32 or float64");
+  TORCH_CHECK(dA.dim() == 2 && dB.dim() == 2, "unilora: grad_a and grad_b must be 2-D, got ", dA.sizes(), " and ",
+              dB.sizes());
+  const Projection pj = make_projection(d, scales, idx_a, idx_b, dA.size(0), dA.size(1), dB.size(0), hashed);
+  TORCH_CHECK(dB.size(1) == pj.r, "unilora: grad_b must be (", pj.out_f, ", ", pj.r, "), got ", dB.sizes());
+  TORCH_CHECK(dA.scalar_type() == dB.scalar_type() &&
+                  (dA.scalar_type() == at::kFloat || dA.scalar_type() == at::kDouble),
+              "unilora: grad_a and grad_b must both be float32 or both float64, got ", dA.scalar_type(), " and ",
+              dB.scalar_type());
+  check_same_device(dA, "grad_a", scales);
+  check_same_device(dB, "grad_b", scales);
+  return impl(dA, dB, pj, dtype, deterministic);
+}
+
+// ---- the fused linear op: frozen base layer + update ----
+void check_linear_weight(const at::Tensor& x, const at::Tensor& w, bool weight_t, const at::Tensor& theta) {
+  TORCH_CHECK(w.dim() == 2, "unilora: weight must be 2-D, got ", w.sizes());
+  TORCH_CHECK(x.dim() == 2, "unilora: x must be 2-D (M, in), got ", x.sizes());
+  const int64_t in_w = weight_t ? w.size(0) : w.size(1);
+  TORCH_CHECK(x.size(1) == in_w, "unilora: x has ", x.size(1), " features but the weight expects ", in_w);
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "unilora: x is ", x.scalar_type(), " but the weight is ",
+              w.scalar_type());
+  check_same_device(w, "weight", theta);
+}
+
+int64_t weight_out(const at::Tensor& w, bool weight_t) { return w.dim() == 2 ? w.size(weight_t ? 1 : 0) : -1; }
+
+using LinearFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
+                                                        const c10::optional<at::Tensor>&, bool, const at::Tensor&,
+                                                        const Projection&, const Dropout&);
+
+template <LinearFn impl>
+std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tensor& w,
+                                             const c10::optional<at::Tensor>& bias, bool weight_t,
+                                             const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
+                                             const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p,
+                                             int64_t seed) {
+  check_dropout(p);
+  check_linear_weight(x, w, weight_t, theta);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hashed);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == pj.out_f && bias->scalar_type() == x.scalar_type(),
+                "unilora: bias must be (", pj.out_f, ",) of x's dtype, got ", bias->scalar_type(), " ", bias->sizes());
+    check_same_device(*bias, "bias", theta);
+  }
+  check_same_device(x, "x", theta);
+  return impl(x, w, bias, weight_t, theta, pj, make_dropout(p, seed));
+}
+
+using LinearBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, bool, const at::Tensor&,
+                                                                const Projection&, const Dropout&, const at::Tensor&,
+                                                                bool, bool, bool);
+
+template <LinearBackwardFn impl>
+std::tuple<at::Tensor, at::Tensor> linear_backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                                      bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
+                                                      const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
+                                                      at::IntArrayRef hashed, double p, int64_t seed,
+                                                      const at::Tensor& h, bool need_x, bool need_theta,
+                                                      bool deterministic) {
+  check_dropout(p);
+  check_linear_weight(x, w, weight_t, theta);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hashed);
+  check_backward(g, x, theta, pj, h, c10::nullopt, true);
+  return impl(g, x, w, weight_t, theta, pj, make_dropout(p, seed), h, need_x, need_theta, deterministic);
+}
+
+// ---- bit-exactness test ops: the header's functions over a tensor of int64 arguments ----
+HashedProjection test_hashed_projection(const at::Tensor& positions, int64_t D, int64_t d, int64_t key) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong, "unilora: positions must be int64");
+  TORCH_CHECK(D > 0 && D < kInt32Limit && d > 0, "unilora: need 0 < D < 2^31 and d > 0, got D=", D, ", d=", d);
+  if (positions.numel() > 0) {
+    TORCH_CHECK(positions.min().item<int64_t>() >= 0 && positions.max().item<int64_t>() < D,
+                "unilora: positions must lie in [0, D)");
+  }
+  return make_hashed_projection(D, d, key);
+}
+
+at::Tensor hashed_index_op_cpu(const at::Tensor& positions, int64_t D, int64_t d, int64_t key) {
+  const HashedProjection hp = test_hashed_projection(positions, D, d, key);
+  at::Tensor pos = positions.contiguous();
+  at::Tensor out = at::empty_like(pos);
+  const int64_t* src = pos.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, pos.numel(), 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dst[i] = hashed_index(src[i], hp);
+  });
+  return out;
+}
+
+at::Tensor philox_op_cpu(const at::Tensor& offsets, int64_t seed) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, "unilora: offsets must be int64");
+  at::Tensor off = offsets.contiguous();
+  at::Tensor out = at::empty_like(off);
+  const int64_t* src = off.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, off.numel(), 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dst[i] = philox_randint(uint64_t(seed), uint64_t(src[i]));
+  });
+  return out;
+}
+
+#ifdef UNILORA_WITH_CUDA
+at::Tensor hashed_index_op_cuda(const at::Tensor& positions, int64_t D, int64_t d, int64_t key) {
+  return hashed_index_cuda(positions.contiguous(), test_hashed_projection(positions, D, d, key));
+}
+
+at::Tensor philox_op_cuda(const at::Tensor& offsets, int64_t seed) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, "unilora: offsets must be int64");
+  return philox_randint_cuda(offsets.contiguous(), uint64_t(seed));
+}
+#endif
+
+}  // namespace
+}  // namespace unilora
+
+TORCH_LIBRARY(unilora_C, m) {
+  // out += drop(x) A^T B^T in place; returns h = drop(x) A^T (M x r, fp32; fp64 if x or theta is).
+  m.def(
+      "forward_(Tensor(a!) out, Tensor x, Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
+      "int[] hashed, float p, int seed) -> Tensor");
+  // (grad_x, grad_theta). grad_x: ((g B) A) * mask, added into the given grad_x in place (then the
+  // first output is empty) or returned in x's dtype; grad_theta: P^T [dA | dB], theta's dtype.
+  // An output that was not asked for (need_x / need_theta false) is empty.
+  m.def(
+      "backward(Tensor grad_out, Tensor x, Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
+      "int[] hashed, float p, int seed, Tensor h, Tensor(a!)? grad_x, bool need_x, bool need_theta, "
+      "bool deterministic) -> (Tensor, Tensor)");
+  // Dense A (r x in) and B (out x r) in theta's dtype (merge, export); differentiable in theta.
+  m.def(
+      "lora_matrices(Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, int in_features, "
+      "int out_features, int[] hashed) -> (Tensor, Tensor)");
+  // P^T [grad_a | grad_b]: the scatter-add through the projection, into a fresh (d,) tensor.
+  m.def(
+      "scatter_grad(Tensor grad_a, Tensor grad_b, Tensor scales, Tensor idx_a, Tensor idx_b, int d, "
+      "int[] hashed, ScalarType dtype, bool deterministic) -> Tensor");
+  // The frozen base linear (nn.Linear; transformers' Conv1D when weight_t) and the update on 2-D x:
+  // (out, h). h may be empty ((0, r): the CPU backward recomputes it from x).
+  m.def(
+      "linear(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, Tensor idx_a, "
+      "Tensor idx_b, int r, int[] hashed, float p, int seed) -> (Tensor, Tensor)");
+  // Its backward: (grad_x = g W + ((g B) A) * mask, grad_theta); unrequested outputs are empty.
+  m.def(
+      "linear_backward(Tensor grad_out, Tensor x, Tensor weight, bool weight_t, Tensor theta, Tensor scales, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hashed, float p, int seed, Tensor h, bool need_x, bool need_theta, "
+      "bool deterministic) -> (Tensor, Tensor)");
+  // Test ops: the header's index and dropout functions, element-wise over int64 tensors.
+  m.def("_hashed_index(Tensor positions, int D, int d, int key) -> Tensor");
+  m.def("_philox_randint(Tensor offsets, int seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(unilora_C, CPU, m) {
+  m.impl("forward_", &unilora::forward_op<&unilora::forward_cpu>);
+  m.impl("backward", &unilora::backward_op<&unilora::backward_cpu>);
+  m.impl("lora_matrices", &unilora::lora_matrices_op<&unilora::gather_cpu>);
+  m.impl("scatter_grad", &unilora::scatter_op<&unilora::scatter_cpu>);
+  m.impl("linear", &unilora::linear_op<&unilora::linear_cpu>);
+  m.impl("linear_backward", &unilora::linear_backward_op<&unilora::linear_backward_cpu>);
+  m.impl("_hashed_index", &unilora::hashed_index_op_cpu);
+  m.impl("_philox_randint", &unilora::philox_op_cpu);
+}
+
+#ifdef UNILORA_WITH_CUDA
+TORCH_LIBRARY_IMPL(unilora_C, CUDA, m) {
+  m.impl("forward_", &unilora::forward_op<&unilora::forward_cuda>);
+  m.impl("backward", &unilora::backward_op<&unilora::backward_cuda>);
+  m.impl("lora_matrices", &unilora::lora_matrices_op<&unilora::gather_cuda>);
+  m.impl("scatter_grad", &unilora::scatter_op<&unilora::scatter_cuda>);
+  m.impl("linear", &unilora::linear_op<&unilora::linear_cuda>);
+  m.impl("linear_backward", &unilora::linear_backward_op<&unilora::linear_backward_cuda>);
+  m.impl("_hashed_index", &unilora::hashed_index_op_cuda);
+  m.impl("_philox_randint", &unilora::philox_op_cuda);
+}
+#endif

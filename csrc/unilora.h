@@ -1,0 +1,88 @@
+// Declarations shared by the registration file, the CPU kernels and the CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "index_math.h"
+
+namespace unilora {
+
+// One layer's projection P, validated (make_projection), in the form the kernels read it.
+// Element i of the layer's flattened [A (r x in, row-major), B (out x r, row-major)] reads
+// theta_d[j] * scale(j) with j = idx_a/idx_b[i] ("uniform") or hashed_index(offset + i).
+struct Projection {
+  at::Tensor scales;        // fp32, (d,) uniform or (2,) hashed: [s(D // d), s(D // d + 1)]
+  at::Tensor idx_a, idx_b;  // int32 contiguous (r, in) and (out, r); empty when hashed
+  int64_t r = 0, in_f = 0, out_f = 0, d = 0;
+  bool hashed = false;
+  int64_t offset = 0;  // hashed: position of A[0, 0] in theta_D
+  HashedProjection hp;
+
+  int64_t numel_a() const { return r * in_f; }
+  int64_t numel() const { return r * (in_f + out_f); }
+};
+
+// Checks (TORCH_CHECK, naming the problem) and packs the projection arguments of every op.
+Projection make_projection(int64_t d, const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b,
+                           int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hashed);
+void check_theta(const at::Tensor& theta);
+
+// fp64 when any operand is fp64, else fp32: the precision of A, B, h and every accumulation.
+at::ScalarType compute_dtype(std::initializer_list<at::ScalarType> dtypes);
+
+// Argument checks of forward_ / backward (device-independent).
+void check_forward(const at::Tensor& out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj);
+void check_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
+                    const at::Tensor& h, const c10::optional<at::Tensor>& grad_x, bool h_may_be_empty);
+
+// ---- CPU (cpu_kernels.cpp) ----
+at::Tensor forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
+                       const Dropout& dr);
+// (deterministic is ignored: the CPU scatter is serial, hence always deterministic.)
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta,
+                                                const Projection& pj, const Dropout& dr, const at::Tensor& h,
+                                                c10::optional<at::Tensor> grad_x, bool need_x, bool need_theta,
+                                                bool deterministic);
+// (A, B): theta gathered through P and scaled, dtype `dtype` (fp32/fp64), two fresh tensors.
+std::tuple<at::Tensor, at::Tensor> gather_cpu(const at::Tensor& theta, const Projection& pj, at::ScalarType dtype);
+// grad_theta (d,) of dtype `dtype` = P^T [dA | dB]: the scatter-add through the indices.
+at::Tensor scatter_cpu(const at::Tensor& dA, const at::Tensor& dB, const Projection& pj, at::ScalarType dtype,
+                       bool deterministic);
+
+// The frozen base linear (nn.Linear; Conv1D when weight_t) and the update in one op: (out, h).
+// The CPU version returns an empty h (its backward recomputes h) and may fold B A into W.
+std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Tensor& w,
+                                              const c10::optional<at::Tensor>& bias, bool weight_t,
+                                              const at::Tensor& theta, const Projection& pj, const Dropout& dr);
+// (grad_x, grad_theta) of linear: grad_x = g W + ((g B) A) * mask, grad_theta = P^T [dA | dB].
+std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                                       bool weight_t, const at::Tensor& theta, const Projection& pj,
+                                                       const Dropout& dr, const at::Tensor& h, bool need_x,
+                                                       bool need_theta, bool deterministic);
+
+#ifdef UNILORA_WITH_CUDA
+// ---- CUDA (cuda_*.cu) ----
+at::Tensor forward_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
+                        const Dropout& dr);
+std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta,
+                                                 const Projection& pj, const Dropout& dr, const at::Tensor& h,
+                                                 c10::optional<at::Tensor> grad_x, bool need_x, bool need_theta,
+                                                 bool deterministic);
+std::tuple<at::Tensor, at::Tensor> gather_cuda(const at::Tensor& theta, const Projection& pj, at::ScalarType dtype);
+at::Tensor scatter_cuda(const at::Tensor& dA, const at::Tensor& dB, const Projection& pj, at::ScalarType dtype,
+                        bool deterministic);
+std::tuple<at::Tensor, at::Tensor> linear_cuda(const at::Tensor& x, const at::Tensor& w,
+                                               const c10::optional<at::Tensor>& bias, bool weight_t,
+                                               const at::Tensor& theta, const Projection& pj, const Dropout& dr);
+std::tuple<at::Tensor, at::Tensor> linear_backward_cuda(const at::Tensor& g, const at::Tensor& x,
+                                                        const at::Tensor& w, bool weight_t, const at::Tensor& theta,
+                                                        const Projection& pj, const Dropout& dr, const at::Tensor& h,
+                                                        bool need_x, bool need_theta, bool deterministic);
+at::Tensor hashed_index_cuda(const at::Tensor& positions, const HashedProjection& hp);
+at::Tensor philox_randint_cuda(const at::Tensor& offsets, uint64_t seed);
+// Largest M the fused decode kernel takes, and the largest r.
+constexpr int64_t kDecodeMaxM = 16;
+constexpr int64_t kDecodeMaxR = 64;
+#endif
+
+}  // namespace unilora

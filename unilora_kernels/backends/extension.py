@@ -1,0 +1,267 @@
+"""The compiled backends ``cpu`` and ``cuda``: the ``unilora_C`` ops of ``unilora_kernels._C``.
+
+The C++ library (``csrc/``) registers the ops ``torch.ops.unilora_C.*`` with CPU and (when
+built with nvcc) CUDA kernels; this module registers their fake (meta) kernels and autograd
+with ``torch.library`` and implements the backend contract of ``backends/__init__.py`` on top.
+
+What runs where:
+
+* ``cpu``: A and B are gathered (scaled) from theta_d in one parallel pass into layer-sized
+  buffers; every product is a BLAS call on L2-sized row blocks, one chunk of blocks per thread
+  (fp16/bf16 blocks are converted to fp32 first: CPU BLAS has no half-precision GEMM with fp32
+  accumulation on every machine); the backward scatter-adds dA and dB into one d-length
+  gradient in one pass (serial adds: deterministic).
+* ``cuda``, forward: M <= 16 rows and r <= 64 with fp16/bf16/fp32 activations -> one fused
+  cooperative kernel (A and B gathered on the fly, warp reductions); otherwise the gather
+  kernel builds A and B and cuBLAS does the two products (``addmm_`` into the output).
+  Backward: gather kernel + cuBLAS for dA, dB and grad_x, then the theta_d scatter-add kernel
+  (fp32 atomics), or, when ``torch.are_deterministic_algorithms_enabled()`` or
+  ``UNILORA_DETERMINISTIC=1``, a sort-based segmented scatter in a fixed order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import LayerProjection
+
+try:  # importing the library registers torch.ops.unilora_C
+    from .. import _C
+except ImportError as exc:  # not built: the backends report why instead of failing the package
+    _C = None
+    _IMPORT_ERROR: Optional[str] = str(exc)
+else:
+    _IMPORT_ERROR = None
+
+# Largest M (rows) and r for which `cuda` runs its fused decode kernel (csrc/unilora.h).
+DECODE_MAX_M = 16
+DECODE_MAX_R = 64
+
+
+def build_metadata() -> dict:
+    """What the extension was built with ({} when it is not built)."""
+    return dict(_C.build_metadata()) if _C is not None else {}
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    if _C is None:
+        return (
+            f"the compiled extension unilora_kernels._C is not built ({_IMPORT_ERROR}): install with "
+            "`pip install --no-build-isolation .` (scripts/install.sh)"
+        )
+    if name == "cuda":
+        if not build_metadata().get("cuda"):
+            return (
+                "the extension was built without CUDA kernels (CppExtension: FORCE_CPU=1, or no nvcc/CUDA torch "
+                "at build time); rebuild with CUDA_HOME set"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+    return None
+
+
+def device_unavailable_reason(name: str, device_type: str) -> Optional[str]:
+    expected = "cpu" if name == "cpu" else "cuda"
+    if device_type != expected:
+        return f"the {name!r} backend runs on {expected} tensors only"
+    return None
+
+
+def h_rows(device_type: str, M: int) -> int:
+    """Rows of the h that ``unilora_C::linear`` returns: 0 on CPU, whose backward recomputes h from
+    the x rows it reads for dA anyway (keeping it would cost a pass over x in the forward)."""
+    return 0 if device_type == "cpu" else M
+
+
+def deterministic() -> bool:
+    """True when the CUDA backward must not use atomics (fixed summation order)."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("UNILORA_DETERMINISTIC", "0") == "1"
+
+
+def prefer_cuda_kernels(M: int, in_f: int, out_f: int, r: int) -> bool:
+    """Whether the ``cuda`` kernels should run a layer of this shape rather than the Triton backend.
+
+    Not measured (no GPU was available when this was written); derived from first principles:
+
+    * M <= 16 (decode): the layer moves well under 1 MB (r*(in+out) indices and theta_d reads,
+      M*(in+2*out) activations), i.e. < 0.5 us of HBM time on an A100/H100, so its cost is the
+      number of launches times the launch latency (~3-5 us each) plus the host-side launch
+      overhead. The fused decode kernel is one launch from C++; the Triton path launches from
+      Python (tens of us of host time per launch) and at least one kernel. -> CUDA kernels.
+    * M > 16: the work is bandwidth-bound on x (read once) and the output (read and written
+      once) in both backends, and the `cuda` path adds a gather launch and materialises A and B
+      before cuBLAS, while Triton fuses the gather into its tiles. -> Triton.
+    * r > 64 is outside the decode kernel (its registers hold M x 4 partial sums per thread and
+      h lives in shared memory), so `cuda` would use cuBLAS: -> Triton.
+    """
+    return 0 < M <= DECODE_MAX_M and r <= DECODE_MAX_R
+
+
+# --------------------------------------------------------------------------------------------
+# fake kernels and autograd of the C++ ops
+# --------------------------------------------------------------------------------------------
+def _compute_dtype(*dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+if _C is not None:
+
+    @torch.library.register_fake("unilora_C::forward_")
+    def _forward_fake(out, x, theta, scales, idx_a, idx_b, r, hashed, p, seed):
+        return x.new_empty((x.shape[0], r), dtype=_compute_dtype(x.dtype, theta.dtype))
+
+    @torch.library.register_fake("unilora_C::backward")
+    def _backward_fake(g, x, theta, scales, idx_a, idx_b, r, hashed, p, seed, h, grad_x, need_x, need_theta,
+                       deterministic):
+        gx = x.new_empty(x.shape) if need_x and grad_x is None else x.new_empty(0)
+        gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
+        return gx, gt
+
+    @torch.library.register_fake("unilora_C::lora_matrices")
+    def _lora_matrices_fake(theta, scales, idx_a, idx_b, r, in_features, out_features, hashed):
+        return theta.new_empty((r, in_features)), theta.new_empty((out_features, r))
+
+    @torch.library.register_fake("unilora_C::scatter_grad")
+    def _scatter_grad_fake(grad_a, grad_b, scales, idx_a, idx_b, d, hashed, dtype, deterministic):
+        return grad_a.new_empty((d,), dtype=dtype)
+
+    @torch.library.register_fake("unilora_C::linear")
+    def _linear_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed):
+        out_f = weight.shape[1] if weight_t else weight.shape[0]
+        return x.new_empty((x.shape[0], out_f)), x.new_empty((h_rows(x.device.type, x.shape[0]), r),
+                                                             dtype=_compute_dtype(x.dtype, theta.dtype))
+
+    @torch.library.register_fake("unilora_C::linear_backward")
+    def _linear_backward_fake(g, x, weight, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed, h, need_x,
+                              need_theta, deterministic):
+        gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
+        gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
+        return gx, gt
+
+    @torch.library.register_fake("unilora_C::_hashed_index")
+    def _hashed_index_fake(positions, D, d, key):
+        return positions.new_empty(positions.shape)
+
+    @torch.library.register_fake("unilora_C::_philox_randint")
+    def _philox_fake(offsets, seed):
+        return offsets.new_empty(offsets.shape)
+
+    # Gather (lora_matrices) and scatter (scatter_grad) are adjoint: each one's backward is the other.
+    def _setup_gather(ctx, inputs, output):
+        theta, scales, idx_a, idx_b, r, in_f, out_f, hashed = inputs
+        ctx.save_for_backward(scales, idx_a, idx_b)
+        ctx.args = (theta.shape[0], r, in_f, out_f, list(hashed), theta.dtype, theta.device)
+
+    def _gather_backward(ctx, grad_a, grad_b):
+        scales, idx_a, idx_b = ctx.saved_tensors
+        d, r, in_f, out_f, hashed, dtype, device = ctx.args
+        # autograd passes None for an output that was not used: the scatter takes zeros there
+        grad_a = torch.zeros((r, in_f), dtype=dtype, device=device) if grad_a is None else grad_a.to(dtype)
+        grad_b = torch.zeros((out_f, r), dtype=dtype, device=device) if grad_b is None else grad_b.to(dtype)
+        grad_theta = torch.ops.unilora_C.scatter_grad(
+            grad_a, grad_b, scales, idx_a, idx_b, d, hashed, dtype, deterministic()
+        )
+        return grad_theta, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("unilora_C::lora_matrices", _gather_backward, setup_context=_setup_gather)
+
+    def _setup_scatter(ctx, inputs, output):
+        grad_a, grad_b, scales, idx_a, idx_b, d, hashed, dtype, _det = inputs
+        ctx.save_for_backward(scales, idx_a, idx_b)
+        ctx.args = (grad_a.shape[0], grad_a.shape[1], grad_b.shape[0], list(hashed), grad_a.dtype)
+
+    def _scatter_backward(ctx, grad_theta):
+        scales, idx_a, idx_b = ctx.saved_tensors
+        r, in_f, out_f, hashed, dtype = ctx.args
+        ga, gb = torch.ops.unilora_C.lora_matrices(
+            grad_theta.to(dtype).contiguous(), scales, idx_a, idx_b, r, in_f, out_f, hashed
+        )
+        return ga, gb, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("unilora_C::scatter_grad", _scatter_backward, setup_context=_setup_scatter)
+
+
+# --------------------------------------------------------------------------------------------
+# the backend contract
+# --------------------------------------------------------------------------------------------
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(x: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, other: torch.Tensor, other_name: str):
+    """TypeError/ValueError for what Python can see cheaply; the C++ ops check the rest."""
+    if x.dtype not in _X_DTYPES or other.dtype not in _X_DTYPES:
+        raise TypeError(f"x and {other_name} must be float16/bfloat16/float32/float64, got {x.dtype} and {other.dtype}")
+    if theta.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"theta_d must be float32 (float64 for gradcheck), got {theta.dtype}")
+    if x.dim() != 2 or x.shape[1] != proj.in_features:
+        raise ValueError(f"x must be (M, {proj.in_features}), got {tuple(x.shape)}")
+    if other.dim() != 2 or other.shape[0] != x.shape[0] or other.shape[1] != proj.out_features:
+        raise ValueError(f"{other_name} must be ({x.shape[0]}, {proj.out_features}), got {tuple(other.shape)}")
+    if not (x.device == theta.device == other.device == proj.scales.device):
+        raise ValueError(
+            f"x, {other_name}, theta_d and scales must be on one device, got {x.device}, {other.device}, "
+            f"{theta.device}, {proj.scales.device}"
+        )
+
+
+def _seed(p: float, seed) -> int:
+    if p > 0 and seed is None:
+        raise ValueError("dropout_p > 0 needs a seed")
+    return int(seed) if seed is not None else 0
+
+
+def forward_(out: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, p: float, seed):
+    """``out += drop(x) A^T B^T`` in place (out contiguous, any float dtype: a low-precision out gets
+    the fp32 product rounded once); returns ``h = drop(x) A^T`` (M x r, fp32; fp64 if x or theta is)."""
+    _check(x, theta, proj, out, "out")
+    return torch.ops.unilora_C.forward_(
+        out, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed), float(p), _seed(p, seed)
+    )
+
+
+def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need_x: bool, need_theta: bool):
+    """(grad_x, grad_theta): grad_x += ((g B) A) * mask in place when given (else a new tensor in x's
+    dtype); grad_theta = P^T [dA | dB] in theta's dtype, the one d-length tensor of the call."""
+    _check(x, theta, proj, g, "grad_out")
+    new_gx, grad_theta = torch.ops.unilora_C.backward(
+        g, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed), float(p), _seed(p, seed), h,
+        grad_x, bool(need_x), bool(need_theta), deterministic(),
+    )
+    if need_x and grad_x is None:
+        grad_x = new_gx
+    return grad_x, (grad_theta if need_theta else None)
+
+
+def linear(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: float, seed):
+    """(out, h) of the frozen base linear plus the update on 2-D x, in one C++ op: nn.Linear
+    (``x W^T + b``) or, when ``weight_t``, transformers' Conv1D (``x W + b``). h has
+    ``h_rows(device, M)`` rows: the CPU backward recomputes it. For M >= max(in, out) in
+    fp32/fp64 without dropout, the CPU kernels fold B A into W (one GEMM with K = r) rather than
+    adding (x A^T) B^T to the output: fewer bytes moved, the same function up to rounding."""
+    return torch.ops.unilora_C.linear(
+        x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
+        float(p), _seed(p, seed),
+    )
+
+
+def linear_backward(g, x, weight, weight_t: bool, theta, proj: LayerProjection, p: float, seed, h, need_x: bool,
+                    need_theta: bool):
+    """(grad_x, grad_theta) of ``linear``: grad_x = g W + ((g B) A) * mask; None where not asked for."""
+    gx, gt = torch.ops.unilora_C.linear_backward(
+        g, x, weight, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
+        float(p), _seed(p, seed), h, bool(need_x), bool(need_theta), deterministic(),
+    )
+    return (gx if need_x else None), (gt if need_theta else None)
+
+
+def lora_matrices(theta: torch.Tensor, proj: LayerProjection, dtype=None):
+    """Dense A (r x in) and B (out x r), theta's dtype unless ``dtype`` is given; differentiable in theta."""
+    A, B = torch.ops.unilora_C.lora_matrices(
+        theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, proj.in_features, proj.out_features, list(proj.hashed)
+    )
+    if dtype is not None and dtype != A.dtype:
+        A, B = A.to(dtype), B.to(dtype)
+    return A, B
