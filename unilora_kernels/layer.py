@@ -201,7 +201,9 @@ class UniLoRALinear(nn.Module):
             scales = scales.to(x.device)
         p = self.unilora_dropout if self.training else 0.0
         seed = philox.new_seed() if p > 0 else None
-        backend = backends.resolve(self.requested_backend(), x.device.type)
+        rows = x.numel() // max(1, x.shape[-1])
+        backend = backends.resolve(self.requested_backend(), x.device.type, (rows, self.in_features,
+                                                                              self.out_features, self.r))
         proj_args = (theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed, backend)
         if self._weight_t is not None and not args and not kwargs and self._can_fuse(x):
             out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)

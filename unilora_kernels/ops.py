@@ -129,16 +129,34 @@ def _linear_op(
     seed: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    impl = backends.get_backend(backend, x.device.type)
+    x2d = x.reshape(-1, x.shape[-1])
+    if hasattr(impl, "linear") and x2d.shape[0] > 0:
+        # The compiled backends run base and update in one C++ call (see backends/extension.py).
+        out_f = weight.shape[1] if weight_t else weight.shape[0]
+        proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
+        with _exact(x.device.type):
+            out2d, h = impl.linear(x2d, weight, bias, weight_t, theta_d, proj, dropout_p,
+                                   _seed_value(dropout_p, seed))
+        return out2d.view(*x.shape[:-1], out_f), h
     out = _base_linear(x, weight, bias, weight_t).contiguous()
     h = _forward_into(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
     return out, h
+
+
+def _h_rows(backend: str, device_type: str, M: int) -> int:
+    """Rows of the h that ``unilora::linear`` returns: a backend may keep none and recompute it."""
+    if M == 0:
+        return 0
+    impl = backends.module_of(backend)
+    return impl.h_rows(device_type, M) if hasattr(impl, "h_rows") else M
 
 
 @_linear_op.register_fake
 def _(x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
     out_f = weight.shape[1] if weight_t else weight.shape[0]
     out = x.new_empty((*x.shape[:-1], out_f))
-    return out, x.new_empty((_rows(x), r), dtype=h_dtype(x, theta_d))
+    return out, x.new_empty((_h_rows(backend, x.device.type, _rows(x)), r), dtype=h_dtype(x, theta_d))
 
 
 @torch.library.custom_op("unilora::add_update_", mutates_args=("out",))
@@ -199,16 +217,23 @@ def _backward_op(
     g2d = grad_out.reshape(-1, out_f)
     x2d = x.reshape(-1, in_f)
     grad_x2d = None
-    if need_grad_x and weight is not None:
-        grad_x2d = g2d @ (weight.t() if weight_t else weight)
     grad_theta = None
-    if x2d.shape[0] == 0:
+    impl = backends.get_backend(backend, x.device.type)
+    fused = weight is not None and hasattr(impl, "linear_backward") and x2d.shape[0] > 0
+    if need_grad_x and weight is not None and not fused:
+        grad_x2d = g2d @ (weight.t() if weight_t else weight)
+    if fused and (need_grad_x or need_grad_theta):
+        proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
+        with _exact(x.device.type):
+            grad_x2d, grad_theta = impl.linear_backward(
+                g2d, x2d, weight, weight_t, theta_d, proj, dropout_p, _seed_value(dropout_p, seed), h,
+                need_grad_x, need_grad_theta)
+    elif x2d.shape[0] == 0:
         if need_grad_x and grad_x2d is None:
             grad_x2d = x2d.new_zeros(x2d.shape)
         if need_grad_theta:
             grad_theta = torch.zeros_like(theta_d)
     elif need_grad_x or need_grad_theta:
-        impl = backends.get_backend(backend, x.device.type)
         proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
         seed_v = _seed_value(dropout_p, seed)
         with _exact(x.device.type):
@@ -367,7 +392,8 @@ def _prepare(x, out_features, theta_d, scales, idx_a, idx_b, r, hashed, dropout_
             raise ValueError("r must be given for the hashed projection")
         r = idx_a.shape[0]
     check_inputs(x, out_features, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed)
-    return idx_a, idx_b, r, hashed, backends.resolve(backend, x.device.type)
+    shape = (_rows(x), x.shape[-1], out_features, r)
+    return idx_a, idx_b, r, hashed, backends.resolve(backend, x.device.type, shape)
 
 
 def add_update(

@@ -9,9 +9,10 @@ Every backend module implements the same three primitives on flattened 2-D tenso
   dB through the projection into one d-length ``grad_theta``;
 * ``lora_matrices(theta, proj) -> (A, B)``: the dense fp32 LoRA matrices (merge and export).
 
-``auto`` resolves per device type, once, to a fixed backend, so results never change behind
-the user's back: CUDA tensors -> triton, else cuda, else reference; CPU tensors -> cpu (the
-compiled extension), else reference.
+``auto`` resolves per device type, once, so results never change behind the user's back: CUDA
+tensors -> triton (and, for decode-sized calls, the compiled cuda kernels when both exist: see
+``resolve``), else cuda, else reference; CPU tensors -> cpu (the compiled extension), else
+reference.
 """
 
 from __future__ import annotations
@@ -70,13 +71,24 @@ def _probe(name: str):
     return (None, reason) if reason else (module, None)
 
 
+def module_of(name: str):
+    """The module implementing backend ``name`` (no availability check; fake kernels use it)."""
+    return importlib.import_module(_REGISTRY[name].module)
+
+
 def availability() -> dict:
     """{backend: None if usable somewhere on this machine, else the reason it is not}."""
     return {name: _probe(name)[1] for name in _REGISTRY}
 
 
+_ready: dict = {}  # (name, device_type) -> module, once it was found usable (checked once per process)
+
+
 def get_backend(name: str, device_type: str):
     """The module of backend ``name`` for tensors on ``device_type``, or a clear error."""
+    module = _ready.get((name, device_type))
+    if module is not None:  # every op call lands here: keep it to one dict lookup
+        return module
     if name not in _REGISTRY:
         raise BackendNotAvailableError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     module, reason = _probe(name)
@@ -91,6 +103,7 @@ def get_backend(name: str, device_type: str):
     ) else None
     if device_reason:
         raise BackendNotAvailableError(f"backend {name!r} cannot run on {device_type} tensors: {device_reason}")
+    _ready[(name, device_type)] = module
     return module
 
 
@@ -98,8 +111,15 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "referenc
 _auto_cache: dict = {}
 
 
-def resolve(requested: str, device_type: str) -> str:
-    """The concrete backend name that ``requested`` means for tensors on ``device_type``."""
+def resolve(requested: str, device_type: str, shape=None) -> str:
+    """The concrete backend name that ``requested`` means for tensors on ``device_type``.
+
+    ``auto`` is fixed per device type (CPU: ``cpu``, else ``reference``), except on CUDA when both
+    compiled ``cuda`` kernels and Triton are available: then a layer call of ``shape`` =
+    ``(M, in, out, r)`` goes to ``cuda`` when ``extension.prefer_cuda_kernels`` says so (decode
+    batches: one fused C++-launched kernel) and to ``triton`` otherwise. The rule depends on the
+    shape alone, so the same call always runs the same kernels.
+    """
     if requested != "auto":
         get_backend(requested, device_type)  # raises if it cannot run here
         return requested
@@ -113,4 +133,19 @@ def resolve(requested: str, device_type: str) -> str:
             chosen = name
             break
         _auto_cache[device_type] = chosen
-    return _auto_cache[device_type]
+    chosen = _auto_cache[device_type]
+    if chosen == "triton" and shape is not None:
+        prefer = _cuda_preference()
+        if prefer is not None and prefer(*shape):
+            return "cuda"
+    return chosen
+
+
+def _cuda_preference():
+    """``extension.prefer_cuda_kernels`` when the compiled cuda kernels can run, else None."""
+    if "cuda-prefer" not in _auto_cache:
+        try:
+            _auto_cache["cuda-prefer"] = get_backend("cuda", "cuda").prefer_cuda_kernels
+        except BackendNotAvailableError:
+            _auto_cache["cuda-prefer"] = None
+    return _auto_cache["cuda-prefer"]
