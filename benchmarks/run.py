@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--no-model", action="store_true", help="skip the model benchmark")
     p.add_argument("--no-memory", action="store_true", help="skip the per-layer memory measurements")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: start no new layer config after this (the rest are listed as skipped)")
     p.add_argument("--cpu-gflop-budget", type=float, default=None,
                    help="skip CPU configs whose training step needs more GFLOP than this")
     return p.parse_args(argv)
@@ -283,9 +285,14 @@ def main(argv=None) -> int:
         in_f, out_f, d = key
         cands = build_candidates(in_f, out_f, args.r, d, dtype, device)
         for (_, _, _, M) in [c for c in configs if c[:3] == key]:
+            if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
+                skipped.append(f"{in_f}x{out_f} d={d} M={M}: over the --time-budget of {args.time_budget:.0f}s")
+                bar.update(len(modes) * n_cands)
+                continue
             bar.set_postfix_str(f"{in_f}x{out_f} d={d} M={M}")
             rows += run_config(cands, in_f, out_f, args.r, d, M, modes, dtype, device, args.quick,
                                not args.no_memory, bar)
+            write_csv(os.path.join(out_dir, "layer.csv"), rows, LAYER_COLUMNS)  # partial results survive a kill
         del cands
         gc.collect()
         if use_cuda:
