@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <vector>
 
 #include "unilora.h"
 
@@ -124,40 +125,46 @@ void scatter_into(const at::Tensor& dA, const at::Tensor& dB, const Projection& 
 
 // (theta_d index, scale) of element i of the flattened [A | B]; an out-of-range uniform index
 // sets `bad` (reported by the caller) and reads element 0 instead of memory outside theta.
+// Holds copies, not a reference to the Projection, so the hot loops keep them in registers.
 struct Lookup {
-  const Projection& pj;
   const float* sc;
   const int32_t* ia;
   const int32_t* ib;
-  int64_t na;
+  int64_t na, d, offset;
+  bool hashed;
+  HashedProjection hp;
   explicit Lookup(const Projection& p)
-      : pj(p),
-        sc(p.scales.data_ptr<float>()),
+      : sc(p.scales.data_ptr<float>()),
         ia(p.hashed ? nullptr : p.idx_a.data_ptr<int32_t>()),
         ib(p.hashed ? nullptr : p.idx_b.data_ptr<int32_t>()),
-        na(p.numel_a()) {}
+        na(p.numel_a()),
+        d(p.d),
+        offset(p.offset),
+        hashed(p.hashed),
+        hp(p.hp) {}
   int64_t operator()(int64_t i, float* s, bool* bad) const {
-    if (pj.hashed) {
-      const int64_t j = hashed_index(pj.offset + i, pj.hp);
-      *s = hashed_scale(j, pj.hp, sc[0], sc[1]);
+    if (hashed) {
+      const int64_t j = hashed_index(offset + i, hp);
+      *s = hashed_scale(j, hp, sc[0], sc[1]);
       return j;
     }
     int64_t j = i < na ? ia[i] : ib[i - na];
-    if (j < 0 || j >= pj.d) {
-      *bad = true;
-      j = 0;
-    }
+    const bool out = static_cast<uint64_t>(j) >= static_cast<uint64_t>(d);
+    *bad |= out;
+    j = out ? 0 : j;
     *s = sc[j];
     return j;
   }
 };
 
 constexpr int64_t kSmallM = 4;  // up to this many rows (no dropout), forward_small beats BLAS
+constexpr int64_t kSmallGrain = 2048;  // layer elements per thread below which waking one costs more
 
 // out += x A^T B^T for M <= kSmallM rows straight from the indices: at M = 1 the fixed costs
 // of buffers and BLAS calls exceed the work (measured: ~10 us of ~20 us at in = out = 1024).
-// h[m, k] sums over the columns in order; rows of A and columns of B go to threads only when
-// the layer is large enough to pay for waking them.
+// h = x A^T splits the columns of A into one chunk per thread; the chunks' partial sums are
+// added in chunk order (deterministic for a given thread count). The update then splits the
+// output features between threads.
 template <typename x_t, typename out_t, typename theta_t, typename acc_t>
 void forward_small(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta, const Projection& pj,
                    acc_t* h) {
@@ -167,22 +174,33 @@ void forward_small(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta
   const theta_t* th = theta.data_ptr<theta_t>();
   const Lookup lookup(pj);
   std::atomic<bool> any_bad{false};
-  at::parallel_for(0, r, std::max<int64_t>(1, kGrain * 4 / in_f), [&](int64_t k0, int64_t k1) {
+  const int64_t nchunks = std::clamp<int64_t>(na / kSmallGrain, 1, std::max<int64_t>(1, at::get_num_threads()));
+  std::vector<acc_t> part(static_cast<size_t>(nchunks * M * r), acc_t(0));
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     bool bad = false;
-    for (int64_t k = k0; k < k1; ++k) {
-      acc_t acc[kSmallM] = {};
-      for (int64_t c = 0; c < in_f; ++c) {
-        float s;
-        const int64_t j = lookup(k * in_f + c, &s, &bad);
-        const acc_t a = acc_t(th[j]) * acc_t(s);
-        for (int64_t m = 0; m < M; ++m) acc[m] += acc_t(xp[m * ldx + c]) * a;
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t lo = ch * in_f / nchunks, hi = (ch + 1) * in_f / nchunks;
+      acc_t* hp = part.data() + ch * M * r;
+      for (int64_t k = 0; k < r; ++k) {
+        acc_t acc[kSmallM] = {};
+        for (int64_t c = lo; c < hi; ++c) {
+          float s;
+          const int64_t j = lookup(k * in_f + c, &s, &bad);
+          const acc_t a = acc_t(th[j]) * acc_t(s);
+          for (int64_t m = 0; m < M; ++m) acc[m] += acc_t(xp[m * ldx + c]) * a;
+        }
+        for (int64_t m = 0; m < M; ++m) hp[m * r + k] = acc[m];
       }
-      for (int64_t m = 0; m < M; ++m) h[m * r + k] = acc[m];
     }
     if (bad) any_bad = true;
   });
   TORCH_CHECK(!any_bad, "unilora: a projection index is outside [0, d = ", pj.d, ")");
-  at::parallel_for(0, out_f, std::max<int64_t>(1, kGrain * 4 / r), [&](int64_t o0, int64_t o1) {
+  for (int64_t i = 0; i < M * r; ++i) {
+    acc_t v = part[i];
+    for (int64_t ch = 1; ch < nchunks; ++ch) v += part[ch * M * r + i];
+    h[i] = v;
+  }
+  at::parallel_for(0, out_f, std::max<int64_t>(1, kSmallGrain / r), [&](int64_t o0, int64_t o1) {
     bool bad = false;
     for (int64_t o = o0; o < o1; ++o) {
       acc_t acc[kSmallM] = {};

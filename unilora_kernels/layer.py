@@ -206,6 +206,16 @@ class UniLoRALinear(nn.Module):
                                                                               self.out_features, self.r))
         proj_args = (theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed, backend)
         if self._weight_t is not None and not args and not kwargs and self._can_fuse(x):
+            if not _needs_grad(x, theta, base) and x.numel() > 0 and not torch.compiler.is_compiling():
+                impl = backends.get_backend(backend, x.device.type)
+                if hasattr(impl, "linear"):
+                    # Inference on a compiled backend: straight into its C++ op. The custom op's
+                    # Python dispatch alone costs tens of microseconds, as much as a decode step.
+                    proj = backends.LayerProjection(self.unilora_indices_A, self.unilora_indices_B, scales, self.r,
+                                                    self.in_features, self.out_features, tuple(self._hashed))
+                    out2d, _ = impl.linear(x.reshape(-1, self.in_features), base.weight, base.bias, self._weight_t,
+                                           theta, proj, p, ops._seed_value(p, seed))
+                    return out2d.view(*x.shape[:-1], self.out_features)
             out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)
             return out
         base_out = base(x, *args, **kwargs)
@@ -247,6 +257,14 @@ def _param_device(module: nn.Module):
     for t in module.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def _needs_grad(x: torch.Tensor, theta: torch.Tensor, base: nn.Module) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    bias = getattr(base, "bias", None)
+    return x.requires_grad or theta.requires_grad or base.weight.requires_grad or (
+        isinstance(bias, torch.Tensor) and bias.requires_grad)
 
 
 def _owns_storage(out: torch.Tensor, x: torch.Tensor) -> bool:
