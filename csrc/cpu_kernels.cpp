@@ -160,61 +160,86 @@ struct Lookup {
 constexpr int64_t kSmallM = 4;  // up to this many rows (no dropout), forward_small beats BLAS
 constexpr int64_t kSmallGrain = 2048;  // layer elements per thread below which waking one costs more
 
-// out += x A^T B^T for M <= kSmallM rows straight from the indices: at M = 1 the fixed costs
+// out += x A^T B^T for MM <= kSmallM rows straight from the indices: at M = 1 the fixed costs
 // of buffers and BLAS calls exceed the work (measured: ~10 us of ~20 us at in = out = 1024).
-// h = x A^T splits the columns of A into one chunk per thread; the chunks' partial sums are
-// added in chunk order (deterministic for a given thread count). The update then splits the
-// output features between threads.
-template <typename x_t, typename out_t, typename theta_t, typename acc_t>
+// MM is a compile-time row count so the accumulators live in registers; each row keeps kLanes
+// independent partial sums over the columns (an FP add chain through one accumulator would
+// cost its latency per element). h = x A^T splits the columns of A into one chunk per thread;
+// the chunks' partial sums are added in chunk order (deterministic for a given thread count).
+// The update then splits the output features between threads.
+constexpr int64_t kLanes = 4;
+
+template <int64_t MM, typename x_t, typename out_t, typename theta_t, typename acc_t>
 void forward_small(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta, const Projection& pj,
                    acc_t* h) {
-  const int64_t M = x.size(0), ldx = x.stride(0), in_f = pj.in_f, out_f = pj.out_f, r = pj.r, na = pj.numel_a();
+  const int64_t ldx = x.stride(0), in_f = pj.in_f, out_f = pj.out_f, r = pj.r, na = pj.numel_a();
   const x_t* xp = x.data_ptr<x_t>();
   out_t* op = out.data_ptr<out_t>();
   const theta_t* th = theta.data_ptr<theta_t>();
   const Lookup lookup(pj);
   std::atomic<bool> any_bad{false};
   const int64_t nchunks = std::clamp<int64_t>(na / kSmallGrain, 1, std::max<int64_t>(1, at::get_num_threads()));
-  std::vector<acc_t> part(static_cast<size_t>(nchunks * M * r), acc_t(0));
+  std::vector<acc_t> part(static_cast<size_t>(nchunks * MM * r), acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     bool bad = false;
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t lo = ch * in_f / nchunks, hi = (ch + 1) * in_f / nchunks;
-      acc_t* hp = part.data() + ch * M * r;
+      acc_t* hp = part.data() + ch * MM * r;
       for (int64_t k = 0; k < r; ++k) {
-        acc_t acc[kSmallM] = {};
-        for (int64_t c = lo; c < hi; ++c) {
+        acc_t acc[kLanes][MM] = {};
+        int64_t c = lo;
+        for (; c + kLanes <= hi; c += kLanes) {
+          for (int64_t u = 0; u < kLanes; ++u) {
+            float s;
+            const int64_t j = lookup(k * in_f + c + u, &s, &bad);
+            const acc_t a = acc_t(th[j]) * acc_t(s);
+            for (int64_t m = 0; m < MM; ++m) acc[u][m] += acc_t(xp[m * ldx + c + u]) * a;
+          }
+        }
+        for (; c < hi; ++c) {
           float s;
           const int64_t j = lookup(k * in_f + c, &s, &bad);
           const acc_t a = acc_t(th[j]) * acc_t(s);
-          for (int64_t m = 0; m < M; ++m) acc[m] += acc_t(xp[m * ldx + c]) * a;
+          for (int64_t m = 0; m < MM; ++m) acc[0][m] += acc_t(xp[m * ldx + c]) * a;
         }
-        for (int64_t m = 0; m < M; ++m) hp[m * r + k] = acc[m];
+        for (int64_t m = 0; m < MM; ++m) hp[m * r + k] = (acc[0][m] + acc[1][m]) + (acc[2][m] + acc[3][m]);
       }
     }
     if (bad) any_bad = true;
   });
   TORCH_CHECK(!any_bad, "unilora: a projection index is outside [0, d = ", pj.d, ")");
-  for (int64_t i = 0; i < M * r; ++i) {
+  for (int64_t i = 0; i < MM * r; ++i) {
     acc_t v = part[i];
-    for (int64_t ch = 1; ch < nchunks; ++ch) v += part[ch * M * r + i];
+    for (int64_t ch = 1; ch < nchunks; ++ch) v += part[ch * MM * r + i];
     h[i] = v;
   }
   at::parallel_for(0, out_f, std::max<int64_t>(1, kSmallGrain / r), [&](int64_t o0, int64_t o1) {
     bool bad = false;
     for (int64_t o = o0; o < o1; ++o) {
-      acc_t acc[kSmallM] = {};
+      acc_t acc[MM] = {};
       for (int64_t k = 0; k < r; ++k) {
         float s;
         const int64_t j = lookup(na + o * r + k, &s, &bad);
         const acc_t b = acc_t(th[j]) * acc_t(s);
-        for (int64_t m = 0; m < M; ++m) acc[m] += h[m * r + k] * b;
+        for (int64_t m = 0; m < MM; ++m) acc[m] += h[m * r + k] * b;
       }
-      for (int64_t m = 0; m < M; ++m) op[m * out_f + o] = static_cast<out_t>(acc_t(op[m * out_f + o]) + acc[m]);
+      for (int64_t m = 0; m < MM; ++m) op[m * out_f + o] = static_cast<out_t>(acc_t(op[m * out_f + o]) + acc[m]);
     }
     if (bad) any_bad = true;
   });
   TORCH_CHECK(!any_bad, "unilora: a projection index is outside [0, d = ", pj.d, ")");
+}
+
+template <typename x_t, typename out_t, typename theta_t, typename acc_t>
+void forward_small_rows(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta, const Projection& pj,
+                        acc_t* h) {
+  static_assert(kSmallM == 4, "forward_small_rows dispatches 1..4 rows");
+  switch (x.size(0)) {
+    case 1: return forward_small<1, x_t, out_t, theta_t, acc_t>(x, out, theta, pj, h);
+    case 2: return forward_small<2, x_t, out_t, theta_t, acc_t>(x, out, theta, pj, h);
+    case 3: return forward_small<3, x_t, out_t, theta_t, acc_t>(x, out, theta, pj, h);
+    default: return forward_small<4, x_t, out_t, theta_t, acc_t>(x, out, theta, pj, h);
+  }
 }
 
 // In place on a contiguous (rows x cols) block whose first row is row m0 of the flattened input:
@@ -297,7 +322,7 @@ at::Tensor forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
         AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "unilora_small_theta", [&] {
           using theta_t = scalar_t;
           AT_DISPATCH_FLOATING_TYPES(cd, "unilora_small", [&] {
-            forward_small<x_t, out_t, theta_t, scalar_t>(xs, out, theta, pj, h.data_ptr<scalar_t>());
+            forward_small_rows<x_t, out_t, theta_t, scalar_t>(xs, out, theta, pj, h.data_ptr<scalar_t>());
           });
         });
       });
