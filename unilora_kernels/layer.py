@@ -201,22 +201,15 @@ class UniLoRALinear(nn.Module):
             scales = scales.to(x.device)
         p = self.unilora_dropout if self.training else 0.0
         seed = philox.new_seed() if p > 0 else None
-        rows = x.numel() // max(1, x.shape[-1])
-        backend = backends.resolve(self.requested_backend(), x.device.type, (rows, self.in_features,
+        backend = backends.resolve(self.requested_backend(), x.device.type, (ops._rows(x), self.in_features,
                                                                               self.out_features, self.r))
         proj_args = (theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed, backend)
         if self._weight_t is not None and not args and not kwargs and self._can_fuse(x):
-            if not _needs_grad(x, theta, base) and x.numel() > 0 and not torch.compiler.is_compiling():
-                impl = backends.get_backend(backend, x.device.type)
-                if hasattr(impl, "linear"):
-                    # Inference on a compiled backend: straight into its C++ op. The custom op's
-                    # Python dispatch alone costs tens of microseconds, as much as a decode step.
-                    proj = backends.LayerProjection(self.unilora_indices_A, self.unilora_indices_B, scales, self.r,
-                                                    self.in_features, self.out_features, tuple(self._hashed))
-                    out2d, _ = impl.linear(x.reshape(-1, self.in_features), base.weight, base.bias, self._weight_t,
-                                           theta, proj, p, ops._seed_value(p, seed))
-                    return out2d.view(*x.shape[:-1], self.out_features)
-            out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)
+            # Nothing needs a gradient (inference): the op's body without the custom op's Python
+            # dispatch, which alone costs tens of microseconds, as much as a decode step.
+            op = torch.ops.unilora.linear if _needs_grad(x, theta, base) or torch.compiler.is_compiling() \
+                else ops.linear_forward
+            out, _ = op(x, base.weight, base.bias, self._weight_t, *proj_args)
             return out
         base_out = base(x, *args, **kwargs)
         if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:

@@ -113,6 +113,24 @@ def _(base_out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, ba
     return out, x.new_empty((_rows(x), r), dtype=h_dtype(x, theta_d))
 
 
+def linear_forward(x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
+    """The body of ``unilora::linear``: (out, h). Called directly (no custom-op dispatch) by
+    ``UniLoRALinear`` when nothing needs a gradient."""
+    impl = backends.get_backend(backend, x.device.type)
+    x2d = x.reshape(-1, x.shape[-1])
+    if hasattr(impl, "linear") and x2d.shape[0] > 0:
+        # The compiled backends run base and update in one C++ call (see backends/extension.py).
+        out_f = weight.shape[1] if weight_t else weight.shape[0]
+        proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
+        with _exact(x.device.type):
+            out2d, h = impl.linear(x2d, weight, bias, weight_t, theta_d, proj, dropout_p,
+                                   _seed_value(dropout_p, seed))
+        return out2d.view(*x.shape[:-1], out_f), h
+    out = _base_linear(x, weight, bias, weight_t).contiguous()
+    h = _forward_into(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
+    return out, h
+
+
 @torch.library.custom_op("unilora::linear", mutates_args=())
 def _linear_op(
     x: Tensor,
@@ -129,19 +147,8 @@ def _linear_op(
     seed: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    impl = backends.get_backend(backend, x.device.type)
-    x2d = x.reshape(-1, x.shape[-1])
-    if hasattr(impl, "linear") and x2d.shape[0] > 0:
-        # The compiled backends run base and update in one C++ call (see backends/extension.py).
-        out_f = weight.shape[1] if weight_t else weight.shape[0]
-        proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
-        with _exact(x.device.type):
-            out2d, h = impl.linear(x2d, weight, bias, weight_t, theta_d, proj, dropout_p,
-                                   _seed_value(dropout_p, seed))
-        return out2d.view(*x.shape[:-1], out_f), h
-    out = _base_linear(x, weight, bias, weight_t).contiguous()
-    h = _forward_into(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
-    return out, h
+    return linear_forward(x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed,
+                          backend)
 
 
 def _h_rows(backend: str, device_type: str, M: int) -> int:
