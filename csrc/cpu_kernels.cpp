@@ -17,6 +17,7 @@
 #include <atomic>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "unilora.h"
 
 namespace unilora {
@@ -24,6 +25,7 @@ namespace {
 
 constexpr int64_t kGrain = 8192;               // elements per task of the element-wise loops
 constexpr int64_t kBlockBytes = 512 * 1024;    // one row block of x (or g) in compute precision
+constexpr int64_t kSimdRows = 64;              // rows per block of the SIMD backward (blocks split by thread)
 
 int64_t block_rows(int64_t width, int64_t elem_size) {
   return std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(1, width * elem_size), 16, 1024);
@@ -160,15 +162,56 @@ struct Lookup {
 constexpr int64_t kSmallM = 4;  // up to this many rows (no dropout), forward_small beats BLAS
 constexpr int64_t kSmallGrain = 2048;  // layer elements per thread below which waking one costs more
 
+constexpr int64_t kLanes = 4;  // independent partial sums per row in partial_h
+constexpr int64_t kMaxDecodeR = 64;  // decode_linear keeps h (MM x r) on the stack
+
+// hp[m * r + k] = sum over columns [lo, hi) of x[m, c] * A[k, c], A read from theta through the
+// projection, for the MM rows of x (MM a compile-time row count: the accumulators live in
+// registers); kLanes independent partial sums per row (an FP add chain through one accumulator
+// would cost its latency per element).
+template <int64_t MM, typename x_t, typename theta_t, typename acc_t>
+void partial_h(const x_t* xp, int64_t ldx, const theta_t* th, const Lookup& lookup, int64_t r, int64_t in_f,
+               int64_t lo, int64_t hi, acc_t* hp, bool* bad) {
+  for (int64_t k = 0; k < r; ++k) {
+    acc_t acc[kLanes][MM] = {};
+    int64_t c = lo;
+    for (; c + kLanes <= hi; c += kLanes) {
+      for (int64_t u = 0; u < kLanes; ++u) {
+        float s;
+        const int64_t j = lookup(k * in_f + c + u, &s, bad);
+        const acc_t a = acc_t(th[j]) * acc_t(s);
+        for (int64_t m = 0; m < MM; ++m) acc[u][m] += acc_t(xp[m * ldx + c + u]) * a;
+      }
+    }
+    for (; c < hi; ++c) {
+      float s;
+      const int64_t j = lookup(k * in_f + c, &s, bad);
+      const acc_t a = acc_t(th[j]) * acc_t(s);
+      for (int64_t m = 0; m < MM; ++m) acc[0][m] += acc_t(xp[m * ldx + c]) * a;
+    }
+    for (int64_t m = 0; m < MM; ++m) hp[m * r + k] = (acc[0][m] + acc[1][m]) + (acc[2][m] + acc[3][m]);
+  }
+}
+
+// h[i] = sum of the nchunks partial h's, in chunk order (deterministic for a thread count).
+template <typename acc_t>
+void reduce_parts(const std::vector<acc_t>& part, int64_t nchunks, int64_t n, acc_t* h) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t v = part[i];
+    for (int64_t ch = 1; ch < nchunks; ++ch) v += part[ch * n + i];
+    h[i] = v;
+  }
+}
+
+// Threads that split a layer of `work` elements, none with less than kSmallGrain of it.
+int64_t small_chunks(int64_t work) {
+  return std::clamp<int64_t>(work / kSmallGrain, 1, std::max<int64_t>(1, at::get_num_threads()));
+}
+
 // out += x A^T B^T for MM <= kSmallM rows straight from the indices: at M = 1 the fixed costs
 // of buffers and BLAS calls exceed the work (measured: ~10 us of ~20 us at in = out = 1024).
-// MM is a compile-time row count so the accumulators live in registers; each row keeps kLanes
-// independent partial sums over the columns (an FP add chain through one accumulator would
-// cost its latency per element). h = x A^T splits the columns of A into one chunk per thread;
-// the chunks' partial sums are added in chunk order (deterministic for a given thread count).
-// The update then splits the output features between threads.
-constexpr int64_t kLanes = 4;
-
+// h = x A^T splits the columns of A into one chunk per thread, whose partial sums are added in
+// chunk order; the update then splits the output features between threads.
 template <int64_t MM, typename x_t, typename out_t, typename theta_t, typename acc_t>
 void forward_small(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta, const Projection& pj,
                    acc_t* h) {
@@ -178,41 +221,18 @@ void forward_small(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta
   const theta_t* th = theta.data_ptr<theta_t>();
   const Lookup lookup(pj);
   std::atomic<bool> any_bad{false};
-  const int64_t nchunks = std::clamp<int64_t>(na / kSmallGrain, 1, std::max<int64_t>(1, at::get_num_threads()));
+  const int64_t nchunks = small_chunks(na);
   std::vector<acc_t> part(static_cast<size_t>(nchunks * MM * r), acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     bool bad = false;
     for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t lo = ch * in_f / nchunks, hi = (ch + 1) * in_f / nchunks;
-      acc_t* hp = part.data() + ch * MM * r;
-      for (int64_t k = 0; k < r; ++k) {
-        acc_t acc[kLanes][MM] = {};
-        int64_t c = lo;
-        for (; c + kLanes <= hi; c += kLanes) {
-          for (int64_t u = 0; u < kLanes; ++u) {
-            float s;
-            const int64_t j = lookup(k * in_f + c + u, &s, &bad);
-            const acc_t a = acc_t(th[j]) * acc_t(s);
-            for (int64_t m = 0; m < MM; ++m) acc[u][m] += acc_t(xp[m * ldx + c + u]) * a;
-          }
-        }
-        for (; c < hi; ++c) {
-          float s;
-          const int64_t j = lookup(k * in_f + c, &s, &bad);
-          const acc_t a = acc_t(th[j]) * acc_t(s);
-          for (int64_t m = 0; m < MM; ++m) acc[0][m] += acc_t(xp[m * ldx + c]) * a;
-        }
-        for (int64_t m = 0; m < MM; ++m) hp[m * r + k] = (acc[0][m] + acc[1][m]) + (acc[2][m] + acc[3][m]);
-      }
+      partial_h<MM>(xp, ldx, th, lookup, r, in_f, ch * in_f / nchunks, (ch + 1) * in_f / nchunks,
+                    part.data() + ch * MM * r, &bad);
     }
     if (bad) any_bad = true;
   });
   TORCH_CHECK(!any_bad, "unilora: a projection index is outside [0, d = ", pj.d, ")");
-  for (int64_t i = 0; i < MM * r; ++i) {
-    acc_t v = part[i];
-    for (int64_t ch = 1; ch < nchunks; ++ch) v += part[ch * MM * r + i];
-    h[i] = v;
-  }
+  reduce_parts(part, nchunks, MM * r, h);
   at::parallel_for(0, out_f, std::max<int64_t>(1, kSmallGrain / r), [&](int64_t o0, int64_t o1) {
     bool bad = false;
     for (int64_t o = o0; o < o1; ++o) {
@@ -228,6 +248,53 @@ void forward_small(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta
     if (bad) any_bad = true;
   });
   TORCH_CHECK(!any_bad, "unilora: a projection index is outside [0, d = ", pj.d, ")");
+}
+
+// The whole decode step of an fp32 nn.Linear, out = x W^T + bias + (x A^T) B^T, in one parallel
+// region: each thread takes a column chunk of A (partial h) and a row chunk of W, whose base
+// GEMV (SIMD) it computes while it gathers the matching rows of B; the rank-r update is then
+// added serially (out_f * r * MM multiply-adds). One thread wake-up instead of two, the base
+// output is never re-read by another thread, and the B gather overlaps the weight stream.
+template <int64_t MM>
+void decode_linear(const at::Tensor& x, const at::Tensor& w, const float* bias, const at::Tensor& theta,
+                   const Projection& pj, at::Tensor& out) {
+  const int64_t ldx = x.stride(0), ldw = w.stride(0), in_f = pj.in_f, out_f = pj.out_f, r = pj.r;
+  const int64_t na = pj.numel_a();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* th = theta.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Lookup lookup(pj);
+  std::atomic<bool> any_bad{false};
+  const int64_t nchunks = small_chunks(in_f * out_f);
+  std::vector<float> part(static_cast<size_t>(nchunks * MM * r), 0.f);
+  std::vector<float> bbuf(static_cast<size_t>(out_f * r));
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    bool bad = false;
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      partial_h<MM>(xp, ldx, th, lookup, r, in_f, ch * in_f / nchunks, (ch + 1) * in_f / nchunks,
+                    part.data() + ch * MM * r, &bad);
+      const int64_t o0 = ch * out_f / nchunks, o1 = (ch + 1) * out_f / nchunks;
+      simd::gemv_rows(wp, ldw, xp, ldx, MM, in_f, bias, op, out_f, o0, o1);
+      for (int64_t i = na + o0 * r; i < na + o1 * r; ++i) {
+        float s;
+        const int64_t j = lookup(i, &s, &bad);
+        bbuf[i - na] = th[j] * s;
+      }
+    }
+    if (bad) any_bad = true;
+  });
+  TORCH_CHECK(!any_bad, "unilora: a projection index is outside [0, d = ", pj.d, ")");
+  float h[MM * kMaxDecodeR];
+  reduce_parts(part, nchunks, MM * r, h);
+  for (int64_t o = 0; o < out_f; ++o) {
+    const float* b = bbuf.data() + o * r;
+    for (int64_t m = 0; m < MM; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < r; ++k) acc += h[m * r + k] * b[k];
+      op[m * out_f + o] += acc;
+    }
+  }
 }
 
 template <typename x_t, typename out_t, typename theta_t, typename acc_t>
@@ -374,71 +441,106 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& g, const at::T
   at::Tensor gx;
   if (need_x) gx = fresh_gx ? at::empty({M, in_f}, x.options()) : *grad_x;
   const bool gx_direct = need_x && gx.scalar_type() == cd && !dr.active;
-  const int64_t mb = block_rows(std::max(in_f, out_f), at::elementSize(cd));
+  const bool simd_path = cd == at::kFloat && x.scalar_type() == cd && g.scalar_type() == cd && !dr.active &&
+                         x.stride(1) == 1 && g.stride(1) == 1 && (recompute_h || !need_theta || hc.stride(1) == 1) &&
+                         (!need_x || gx.stride(1) == 1) && simd::available();
+  const int64_t mb = simd_path ? kSimdRows : block_rows(std::max(in_f, out_f), at::elementSize(cd));
   const int64_t nblocks = (M + mb - 1) / mb;
   const int64_t nchunks_max = std::max<int64_t>(1, std::min<int64_t>(nblocks, at::get_num_threads()));
   // Per-chunk partial dA (r x in) and dB^T (r x out): layer-sized, reduced in chunk order below.
   at::Tensor accA = need_theta ? at::zeros({nchunks_max, r, in_f}, opts) : at::Tensor();
   at::Tensor accBT = need_theta ? at::zeros({nchunks_max, r, out_f}, opts) : at::Tensor();
-  const int64_t nchunks = run_chunks(nblocks, [&](int64_t c, int64_t b0, int64_t b1) {
-    at::Tensor gbuf = at::empty({mb, out_f}, opts);
-    at::Tensor xbuf = at::empty({mb, in_f}, opts);
-    at::Tensor gBT = at::empty({r, mb}, opts);
-    at::Tensor hT = recompute_h ? at::empty({r, mb}, opts) : at::Tensor();
-    at::Tensor tbuf = need_x && !gx_direct ? at::empty({mb, in_f}, opts) : at::Tensor();
-    at::Tensor mask = dr.active ? at::empty({mb, in_f}, x.options().dtype(at::kByte)) : at::Tensor();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * mb, rows = std::min(mb, M - m0);
-      at::Tensor gb = g.narrow(0, m0, rows);
-      if (g.scalar_type() != cd) {
-        gbuf.narrow(0, 0, rows).copy_(gb);
-        gb = gbuf.narrow(0, 0, rows);
+  int64_t nchunks;
+  if (simd_path) {
+    // One pass over each x and g row: h, u = g B, dB^T += h^T g, dA += u^T x, grad_x (+)= u A.
+    const at::Tensor BT = B.t().contiguous();
+    nchunks = run_chunks(nblocks, [&](int64_t c, int64_t b0, int64_t b1) {
+      simd::AdapterBackward a;
+      a.x = x.data_ptr<float>();
+      a.ldx = x.stride(0);
+      a.g = g.data_ptr<float>();
+      a.ldg = g.stride(0);
+      if (need_theta && !recompute_h) {
+        a.h = hc.data_ptr<float>();
+        a.ldh = hc.stride(0);
       }
-      at::Tensor gBTb = gBT.narrow(1, 0, rows);
-      at::mm_out(gBTb, Bt, gb.t());  // (g B)^T = B^T g^T: (r x out) @ (out x rows)
-      bool have_mask = false;
+      a.A = A.data_ptr<float>();
+      a.BT = BT.data_ptr<float>();
+      a.r = r;
+      a.in_f = in_f;
+      a.out_f = out_f;
       if (need_theta) {
-        const at::Tensor xb = input_block(x, m0, rows, xbuf, dr, dr.active ? mask.data_ptr<uint8_t>() : nullptr);
-        have_mask = dr.active;
-        at::Tensor hTb;
-        if (recompute_h) {
-          hTb = hT.narrow(1, 0, rows);
-          at::mm_out(hTb, A, xb.t());  // h^T = A drop(x)^T
-        } else {
-          hTb = hc.narrow(0, m0, rows).t();
-        }
-        accBT[c].addmm_(hTb, gb);  // dB^T += h^T g
-        accA[c].addmm_(gBTb, xb);                         // dA += (g B)^T drop(x)
+        a.dA = accA[c].data_ptr<float>();
+        a.dBT = accBT[c].data_ptr<float>();
       }
       if (need_x) {
-        at::Tensor gxb = gx.narrow(0, m0, rows);
-        if (gx_direct) {
-          if (fresh_gx) {
-            at::mm_out(gxb, gBTb.t(), A);
+        a.gx = gx.data_ptr<float>();
+        a.ldgx = gx.stride(0);
+        a.gx_add = !fresh_gx;
+      }
+      simd::adapter_backward(a, b0 * mb, std::min(M, b1 * mb));
+    });
+  } else {
+    nchunks = run_chunks(nblocks, [&](int64_t c, int64_t b0, int64_t b1) {
+      at::Tensor gbuf = at::empty({mb, out_f}, opts);
+      at::Tensor xbuf = at::empty({mb, in_f}, opts);
+      at::Tensor gBT = at::empty({r, mb}, opts);
+      at::Tensor hT = recompute_h ? at::empty({r, mb}, opts) : at::Tensor();
+      at::Tensor tbuf = need_x && !gx_direct ? at::empty({mb, in_f}, opts) : at::Tensor();
+      at::Tensor mask = dr.active ? at::empty({mb, in_f}, x.options().dtype(at::kByte)) : at::Tensor();
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m0 = b * mb, rows = std::min(mb, M - m0);
+        at::Tensor gb = g.narrow(0, m0, rows);
+        if (g.scalar_type() != cd) {
+          gbuf.narrow(0, 0, rows).copy_(gb);
+          gb = gbuf.narrow(0, 0, rows);
+        }
+        at::Tensor gBTb = gBT.narrow(1, 0, rows);
+        at::mm_out(gBTb, Bt, gb.t());  // (g B)^T = B^T g^T: (r x out) @ (out x rows)
+        bool have_mask = false;
+        if (need_theta) {
+          const at::Tensor xb = input_block(x, m0, rows, xbuf, dr, dr.active ? mask.data_ptr<uint8_t>() : nullptr);
+          have_mask = dr.active;
+          at::Tensor hTb;
+          if (recompute_h) {
+            hTb = hT.narrow(1, 0, rows);
+            at::mm_out(hTb, A, xb.t());  // h^T = A drop(x)^T
           } else {
-            gxb.addmm_(gBTb.t(), A);  // grad_x += (g B) A in place
+            hTb = hc.narrow(0, m0, rows).t();
           }
-          continue;
+          accBT[c].addmm_(hTb, gb);  // dB^T += h^T g
+          accA[c].addmm_(gBTb, xb);                         // dA += (g B)^T drop(x)
         }
-        at::Tensor tb = tbuf.narrow(0, 0, rows);
-        at::mm_out(tb, gBTb.t(), A);
-        if (dr.active) {
-          AT_DISPATCH_FLOATING_TYPES(cd, "unilora_mask", [&] {
-            if (have_mask) {
-              apply_mask(tb.data_ptr<scalar_t>(), rows * in_f, mask.data_ptr<uint8_t>(), dr.scale);
+        if (need_x) {
+          at::Tensor gxb = gx.narrow(0, m0, rows);
+          if (gx_direct) {
+            if (fresh_gx) {
+              at::mm_out(gxb, gBTb.t(), A);
             } else {
-              apply_dropout(tb.data_ptr<scalar_t>(), rows, in_f, m0, dr, nullptr);
+              gxb.addmm_(gBTb.t(), A);  // grad_x += (g B) A in place
             }
-          });
-        }
-        if (fresh_gx) {
-          gxb.copy_(tb);
-        } else {
-          gxb.add_(tb);
+            continue;
+          }
+          at::Tensor tb = tbuf.narrow(0, 0, rows);
+          at::mm_out(tb, gBTb.t(), A);
+          if (dr.active) {
+            AT_DISPATCH_FLOATING_TYPES(cd, "unilora_mask", [&] {
+              if (have_mask) {
+                apply_mask(tb.data_ptr<scalar_t>(), rows * in_f, mask.data_ptr<uint8_t>(), dr.scale);
+              } else {
+                apply_dropout(tb.data_ptr<scalar_t>(), rows, in_f, m0, dr, nullptr);
+              }
+            });
+          }
+          if (fresh_gx) {
+            gxb.copy_(tb);
+          } else {
+            gxb.add_(tb);
+          }
         }
       }
-    }
-  });
+    });
+  }
   at::Tensor grad_theta;
   if (need_theta) {
     const at::Tensor dA = nchunks == 1 ? accA[0] : accA.narrow(0, 0, nchunks).sum(0);
@@ -463,9 +565,39 @@ bool fold_into_weight(int64_t M, const at::Tensor& x, const at::Tensor& w, at::S
   return !dr.active && x.scalar_type() == cd && w.scalar_type() == cd && M >= std::max(pj.in_f, pj.out_f);
 }
 
-// W + B A in the weight's layout ((out, in), or (in, out) for Conv1D).
+constexpr int64_t kFoldMaxR = 16;  // above this the fold's r multiply-adds per element favour a GEMM
+
+// W + B A in the weight's layout ((out, in), or (in, out) for Conv1D), fresh and contiguous.
+// One streaming pass (simd::fold_rows, ~0.1 ms at 1024 x 1024) where addmm with K = r takes
+// ~0.7 ms plus a copy of W (measured, MKL, 2 threads).
 at::Tensor folded_weight(const at::Tensor& w, bool weight_t, const at::Tensor& A, const at::Tensor& B) {
-  return weight_t ? at::addmm(w, A.t(), B.t()) : at::addmm(w, B, A);
+  const int64_t r = A.size(0);
+  if (r > kFoldMaxR || w.stride(1) != 1) return weight_t ? at::addmm(w, A.t(), B.t()) : at::addmm(w, B, A);
+  at::Tensor out = at::empty(w.sizes(), w.options());
+  // row p of the result: w[p] + sum_k s[p, k] R[k]; Linear: s = B, R = A; Conv1D: s = A^T, R = B^T
+  const at::Tensor R = weight_t ? B.t().contiguous() : A;
+  const int64_t P = w.size(0), Q = w.size(1), s_rs = weight_t ? 1 : r, s_cs = weight_t ? A.size(1) : 1;
+  const at::Tensor& S = weight_t ? A : B;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "unilora_fold", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* sp = S.data_ptr<scalar_t>();
+    const scalar_t* rp = R.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, P, std::max<int64_t>(1, kGrain / Q), [&](int64_t p0, int64_t p1) {
+      simd::fold_rows(wp, w.stride(0), sp, s_rs, s_cs, rp, r, Q, op, Q, p0, p1);
+    });
+  });
+  return out;
+}
+
+// decode_linear takes fp32 nn.Linear layers (unit column stride: its SIMD GEMV reads rows) at
+// M <= kSmallM rows without dropout, when the AVX2 kernels run here.
+bool use_decode_linear(int64_t M, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool weight_t, const at::Tensor& theta, const Projection& pj, const Dropout& dr) {
+  const auto f32 = at::kFloat;
+  return M >= 1 && M <= kSmallM && !weight_t && !dr.active && pj.r <= kMaxDecodeR && x.scalar_type() == f32 &&
+         x.stride(1) == 1 && w.scalar_type() == f32 && w.stride(1) == 1 && theta.scalar_type() == f32 &&
+         (!bias.has_value() || (bias->scalar_type() == f32 && bias->is_contiguous())) && simd::available();
 }
 
 // Exactly what nn.Linear (F.linear -> addmm) or transformers' Conv1D computes on 2-D x.
@@ -483,7 +615,16 @@ std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Ten
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   const int64_t M = x.size(0);
   at::Tensor out;
-  if (fold_into_weight(M, x, w, cd, dr, pj)) {
+  if (use_decode_linear(M, x, w, bias, weight_t, theta, pj, dr)) {
+    out = at::empty({M, pj.out_f}, x.options());
+    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    switch (M) {
+      case 1: decode_linear<1>(x, w, bp, theta, pj, out); break;
+      case 2: decode_linear<2>(x, w, bp, theta, pj, out); break;
+      case 3: decode_linear<3>(x, w, bp, theta, pj, out); break;
+      default: decode_linear<4>(x, w, bp, theta, pj, out); break;
+    }
+  } else if (fold_into_weight(M, x, w, cd, dr, pj)) {
     const auto [A, B] = gather_cpu(theta, pj, cd);
     out = base_linear(x, folded_weight(w, weight_t, A, B), bias, weight_t);
   } else {

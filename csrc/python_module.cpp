@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/version.h>
 
+#include "cpu_simd.h"
+
 #ifndef UNILORA_CUDA_ARCHS
 #define UNILORA_CUDA_ARCHS ""
 #endif
@@ -29,9 +31,11 @@ PyObject* build_metadata(PyObject*, PyObject*) {
   Py_DECREF(sep);
   Py_DECREF(archs_str);
   if (archs == nullptr) return nullptr;
-  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:s,s:s}", "cuda", cuda ? Py_True : Py_False, "archs", archs,
-                                "openmp", openmp ? Py_True : Py_False, "torch_version", TORCH_VERSION, "ops",
-                                "unilora_C");
+  // cpu_simd: the AVX2+FMA CPU kernels run here (this CPU has them, UNILORA_CPU_SIMD is not 0).
+  const bool simd = unilora::simd::available();
+  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:O,s:s,s:s}", "cuda", cuda ? Py_True : Py_False, "archs", archs,
+                                "openmp", openmp ? Py_True : Py_False, "cpu_simd", simd ? Py_True : Py_False,
+                                "torch_version", TORCH_VERSION, "ops", "unilora_C");
   return out;
 }
 
