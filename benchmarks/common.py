@@ -94,6 +94,41 @@ def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timi
     return Timing(m.median * 1e3, q[0] * 1e3, q[3] * 1e3, len(m.raw_times) * m.number_per_run)
 
 
+def time_interleaved(fns: dict, quick: bool) -> dict:
+    """CPU timings of several candidates measured in alternation: {name: Timing}.
+
+    Each round runs every candidate for the same number of calls (at least ~10 ms per candidate),
+    so all of them sample the same machine state; on a shared VM the speed drifts by 10-25%
+    over seconds, which timing one candidate after the other turns into fake ratios. Median
+    and 20/80 percentiles are over rounds, per call.
+    """
+    import time
+
+    names = list(fns)
+    for fn in fns.values():
+        fn()  # warm-up: lazy initialisation, allocator, caches
+    calls = {}
+    for name, fn in fns.items():  # calls per round: ~10 ms of this candidate, at least one call
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(0.01 / max(time.perf_counter() - t0, 1e-7)))
+    budget = (0.25 if quick else 1.0) * len(names)
+    samples = {name: [] for name in names}
+    start = time.perf_counter()
+    while len(samples[names[0]]) < 5 or (time.perf_counter() - start < budget and len(samples[names[0]]) < 400):
+        for name in names:
+            fn, n = fns[name], calls[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    out = {}
+    for name, times in samples.items():
+        q = statistics.quantiles(sorted(times), n=5)
+        out[name] = Timing(statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3, len(times) * calls[name])
+    return out
+
+
 # ------------------------------------------------------------------ memory -------------------
 def saved_for_backward_bytes(fn: Callable[[], torch.Tensor]) -> int:
     """Bytes of distinct storages autograd saves while ``fn`` runs its forward."""

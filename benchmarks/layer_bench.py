@@ -18,7 +18,7 @@ import unilora_kernels as uk
 from unilora_kernels import backends
 from unilora_kernels import projection as P
 
-from common import largest_allocation_bytes, peak_memory_bytes, saved_for_backward_bytes, time_fn
+from common import largest_allocation_bytes, peak_memory_bytes, saved_for_backward_bytes, time_fn, time_interleaved
 from naive import NaiveUniLoRALinear
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -152,6 +152,7 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
     rows = []
     for mode in modes:
         timings = {}
+        checked = []
         for c in cands:
             row = dict(mode=mode, in_features=in_f, out_features=out_f, r=r, d=d, M=M, candidate=c.name,
                        backend=c.backend, kind=c.kind, index_bytes_per_elem=c.index_bytes_per_elem)
@@ -160,10 +161,14 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
             else:
                 ok, detail = True, "not the same function (timed as a reference point)"
             row.update(correct=ok, check=detail)
-            if ok:
-                infer, train = make_fns(c, x, g)
-                fn = infer if mode == "inference" else train
-                t = time_fn(fn, device, quick)
+            checked.append((c, row))
+        fns = {c.name: make_fns(c, x, g)[0 if mode == "inference" else 1] for c, row in checked if row["correct"]}
+        # CPU: all candidates in alternation (time_interleaved); GPU: one after the other (do_bench)
+        cpu_times = time_interleaved(fns, quick) if device.type != "cuda" else {}
+        for c, row in checked:
+            if row["correct"]:
+                fn = fns[c.name]
+                t = cpu_times[c.name] if cpu_times else time_fn(fn, device, quick)
                 row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
                 timings[c.name] = t.median_ms
                 if measure_memory and mode == "training":
