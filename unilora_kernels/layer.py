@@ -205,11 +205,15 @@ class UniLoRALinear(nn.Module):
                                                                               self.out_features, self.r))
         proj_args = (theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed, backend)
         if self._weight_t is not None and not args and not kwargs and self._can_fuse(x):
-            # Nothing needs a gradient (inference): the op's body without the custom op's Python
-            # dispatch, which alone costs tens of microseconds, as much as a decode step.
-            op = torch.ops.unilora.linear if _needs_grad(x, theta, base) or torch.compiler.is_compiling() \
-                else ops.linear_forward
-            out, _ = op(x, base.weight, base.bias, self._weight_t, *proj_args)
+            # Eager mode skips the custom op's Python dispatch (tens of microseconds, as much as a
+            # decode step): the op's body when nothing needs a gradient, else the same bodies as
+            # a plain autograd.Function. torch.compile traces the custom op.
+            if torch.compiler.is_compiling():
+                out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)
+            elif _needs_grad(x, theta, base):
+                out, _ = ops.LinearFunction.apply(x, base.weight, base.bias, self._weight_t, *proj_args)
+            else:
+                out, _ = ops.linear_forward(x, base.weight, base.bias, self._weight_t, *proj_args)
             return out
         base_out = base(x, *args, **kwargs)
         if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
