@@ -31,11 +31,13 @@ PyObject* build_metadata(PyObject*, PyObject*) {
   Py_DECREF(sep);
   Py_DECREF(archs_str);
   if (archs == nullptr) return nullptr;
-  // cpu_simd: the AVX2+FMA CPU kernels run here (this CPU has them, UNILORA_CPU_SIMD is not 0).
+  // cpu_simd: the SIMD CPU kernels run here (this CPU has AVX2+FMA, UNILORA_CPU_SIMD is not 0);
+  // cpu_simd_isa: the widest ISA they use ("avx512", "avx2" or "none").
   const bool simd = unilora::simd::available();
-  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:O,s:s,s:s}", "cuda", cuda ? Py_True : Py_False, "archs", archs,
+  const char* isa = unilora::simd::avx512() ? "avx512" : (simd ? "avx2" : "none");
+  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:O,s:s,s:s,s:s}", "cuda", cuda ? Py_True : Py_False, "archs", archs,
                                 "openmp", openmp ? Py_True : Py_False, "cpu_simd", simd ? Py_True : Py_False,
-                                "torch_version", TORCH_VERSION, "ops", "unilora_C");
+                                "cpu_simd_isa", isa, "torch_version", TORCH_VERSION, "ops", "unilora_C");
   return out;
 }
 

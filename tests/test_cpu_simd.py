@@ -1,7 +1,7 @@
 """The CPU backend's hand-vectorised paths (csrc/cpu_simd.cpp) against the float64 oracle.
 
-Each case runs twice: with the AVX2 kernels (when this CPU has AVX2+FMA) and with
-UNILORA_CPU_SIMD=0, which sends the same call down the BLAS path; both must match the oracle.
+Each case runs with UNILORA_CPU_SIMD=0 (the BLAS path), =avx2 (the AVX2 kernels) and unset
+(the AVX-512 backward where the CPU has AVX-512F); every path must match the oracle.
 Paths covered, on shapes that are multiples of no vector width or block:
 
 * decode_linear: the fused base GEMV + update of fp32 nn.Linear layers at M <= 4;
@@ -28,9 +28,12 @@ D = 97
 
 def _simd_modes():
     modes = [pytest.param("0", id="blas")]
-    has = bool(INFO.get("built")) and ext.build_metadata().get("cpu_simd", False)
-    modes.append(pytest.param("1", id="simd", marks=pytest.mark.skipif(
-        not has, reason="the AVX2 kernels do not run here (no AVX2+FMA, not x86-64, or UNILORA_CPU_SIMD=0)")))
+    meta = ext.build_metadata() if INFO.get("built") else {}
+    no_simd = pytest.mark.skipif(not meta.get("cpu_simd", False), reason=(
+        "the SIMD kernels do not run here (no AVX2+FMA, not x86-64, or UNILORA_CPU_SIMD=0)"))
+    modes.append(pytest.param("avx2", id="avx2", marks=no_simd))
+    modes.append(pytest.param("1", id="widest", marks=[no_simd, pytest.mark.skipif(
+        meta.get("cpu_simd_isa") != "avx512", reason="no AVX-512F on this CPU: the widest kernels are the AVX2 ones")]))
     return modes
 
 
@@ -128,7 +131,7 @@ def test_simd_and_blas_paths_agree_at_a_real_size(monkeypatch):
         pytest.skip("this CPU has no AVX2+FMA: only the BLAS path runs here")
     proj, theta, w, b = _layer(1024, 1024, 4, torch.float32, False, True)
     results = {}
-    for mode in ("1", "0"):
+    for mode in ("1", "avx2", "0"):
         monkeypatch.setenv("UNILORA_CPU_SIMD", mode)
         torch.manual_seed(0)
         for M in (1, 2048):
@@ -137,9 +140,10 @@ def test_simd_and_blas_paths_agree_at_a_real_size(monkeypatch):
             gx, gt = ext.linear_backward(g, x, w, False, theta, proj, 0.0, None, torch.empty(0, 4), True, True)
             results[mode, M] = (out, gx, gt)
     for M in (1, 2048):
-        for a, c, name in zip(results["1", M], results["0", M], ("out", "grad_x", "grad_theta")):
-            err = (a.double() - c.double()).abs().max().item() / max(1.0, c.abs().max().item())
-            assert err < 1e-5, f"M={M} {name}: simd and blas paths differ by {err:.2e}"
+        for mode in ("1", "avx2"):
+            for a, c, name in zip(results[mode, M], results["0", M], ("out", "grad_x", "grad_theta")):
+                err = (a.double() - c.double()).abs().max().item() / max(1.0, c.abs().max().item())
+                assert err < 1e-5, f"M={M} {name}: UNILORA_CPU_SIMD={mode} and the blas path differ by {err:.2e}"
 
 
 def test_out_of_range_index_raises_on_the_decode_path(simd):
@@ -158,6 +162,7 @@ def test_out_of_range_index_raises_on_the_decode_path(simd):
 def test_build_metadata_reports_the_simd_kernels():
     meta = ext.build_metadata()
     assert isinstance(meta.get("cpu_simd"), bool)
+    assert meta["cpu_simd_isa"] in (("avx512", "avx2") if meta["cpu_simd"] else ("none",))
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
