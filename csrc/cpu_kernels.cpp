@@ -440,6 +440,55 @@ at::Tensor forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
 }
 
 namespace {
+
+// The SIMD adapter backward (fp32, unit column strides) over rows [m0, m1): one pass over each
+// x and g row computes h (unless given), u = g B, dB^T += h^T g, dA += u^T x (into partial c of
+// accA / accBT, one per thread chunk) and grad_x (+)= u A (when gx is defined). Returns the
+// number of chunks used.
+int64_t simd_backward_rows(const at::Tensor& g, const at::Tensor& x, const at::Tensor& h, const at::Tensor& A,
+                           const at::Tensor& BT, const Projection& pj, const at::Tensor& accA,
+                           const at::Tensor& accBT, const at::Tensor& gx, bool gx_add, int64_t m0, int64_t m1) {
+  RECORD_FUNCTION("unilora_cpu::adapter_backward_simd", std::vector<c10::IValue>());
+  const int64_t nblocks = (m1 - m0 + kSimdRows - 1) / kSimdRows;
+  return run_chunks(nblocks, [&](int64_t c, int64_t b0, int64_t b1) {
+    simd::AdapterBackward a;
+    a.x = x.data_ptr<float>();
+    a.ldx = x.stride(0);
+    a.g = g.data_ptr<float>();
+    a.ldg = g.stride(0);
+    if (h.defined()) {
+      a.h = h.data_ptr<float>();
+      a.ldh = h.stride(0);
+    }
+    a.A = A.data_ptr<float>();
+    a.BT = BT.data_ptr<float>();
+    a.r = pj.r;
+    a.in_f = pj.in_f;
+    a.out_f = pj.out_f;
+    if (accA.defined()) {
+      a.dA = accA[c].data_ptr<float>();
+      a.dBT = accBT[c].data_ptr<float>();
+    }
+    if (gx.defined()) {
+      a.gx = gx.data_ptr<float>();
+      a.ldgx = gx.stride(0);
+      a.gx_add = gx_add;
+    }
+    simd::adapter_backward(a, m0 + b0 * kSimdRows, std::min(m1, m0 + b1 * kSimdRows));
+  });
+}
+
+// grad_theta = P^T [dA | dB] from the per-chunk partials (summed in chunk order).
+at::Tensor theta_grad(const at::Tensor& accA, const at::Tensor& accBT, int64_t nchunks, const Projection& pj,
+                      const at::Tensor& theta) {
+  const at::Tensor dA = nchunks == 1 ? accA[0] : accA.narrow(0, 0, nchunks).sum(0);
+  const at::Tensor dBT = nchunks == 1 ? accBT[0] : accBT.narrow(0, 0, nchunks).sum(0);
+  return scatter_cpu(dA, dBT.t(), pj, theta.scalar_type(), true);
+}
+
+}  // namespace
+
+namespace {
 std::tuple<at::Tensor, at::Tensor> backward_gathered(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta,
                                                      const Projection& pj, const Dropout& dr, const at::Tensor& h,
                                                      c10::optional<at::Tensor> grad_x, bool need_x, bool need_theta,
@@ -485,35 +534,8 @@ std::tuple<at::Tensor, at::Tensor> backward_gathered(const at::Tensor& g, const 
   at::Tensor accBT = need_theta ? at::zeros({nchunks_max, r, out_f}, opts) : at::Tensor();
   int64_t nchunks;
   if (simd_path) {
-    RECORD_FUNCTION("unilora_cpu::adapter_backward_simd", std::vector<c10::IValue>());
-    // One pass over each x and g row: h, u = g B, dB^T += h^T g, dA += u^T x, grad_x (+)= u A.
-    const at::Tensor BT = B.t().contiguous();
-    nchunks = run_chunks(nblocks, [&](int64_t c, int64_t b0, int64_t b1) {
-      simd::AdapterBackward a;
-      a.x = x.data_ptr<float>();
-      a.ldx = x.stride(0);
-      a.g = g.data_ptr<float>();
-      a.ldg = g.stride(0);
-      if (need_theta && !recompute_h) {
-        a.h = hc.data_ptr<float>();
-        a.ldh = hc.stride(0);
-      }
-      a.A = A.data_ptr<float>();
-      a.BT = BT.data_ptr<float>();
-      a.r = r;
-      a.in_f = in_f;
-      a.out_f = out_f;
-      if (need_theta) {
-        a.dA = accA[c].data_ptr<float>();
-        a.dBT = accBT[c].data_ptr<float>();
-      }
-      if (need_x) {
-        a.gx = gx.data_ptr<float>();
-        a.ldgx = gx.stride(0);
-        a.gx_add = !fresh_gx;
-      }
-      simd::adapter_backward(a, b0 * mb, std::min(M, b1 * mb));
-    });
+    nchunks = simd_backward_rows(g, x, need_theta && !recompute_h ? hc : at::Tensor(), A, B.t().contiguous(), pj,
+                                 accA, accBT, need_x ? gx : at::Tensor(), !fresh_gx, 0, M);
   } else {
     nchunks = run_chunks(nblocks, [&](int64_t c, int64_t b0, int64_t b1) {
       at::Tensor gbuf = at::empty({mb, out_f}, opts);
@@ -575,14 +597,7 @@ std::tuple<at::Tensor, at::Tensor> backward_gathered(const at::Tensor& g, const 
       }
     });
   }
-  at::Tensor grad_theta;
-  if (need_theta) {
-    const at::Tensor dA = nchunks == 1 ? accA[0] : accA.narrow(0, 0, nchunks).sum(0);
-    const at::Tensor dBT = nchunks == 1 ? accBT[0] : accBT.narrow(0, 0, nchunks).sum(0);
-    grad_theta = scatter_cpu(dA, dBT.t(), pj, theta.scalar_type(), true);
-  } else {
-    grad_theta = at::empty({0}, theta.options());
-  }
+  const at::Tensor grad_theta = need_theta ? theta_grad(accA, accBT, nchunks, pj, theta) : at::empty({0}, theta.options());
   at::Tensor gx_out = fresh_gx ? gx : at::empty({0}, x.options());
   return {gx_out, grad_theta};
 }
