@@ -74,6 +74,15 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int
+    rounds: Optional[list] = None  # per-round seconds per call (time_interleaved), aligned across candidates
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """a's time over b's: the median of per-round ratios when both were timed in the same rounds
+    (machine-speed drifts cancel round by round), else the ratio of medians."""
+    if a.rounds and b.rounds and len(a.rounds) == len(b.rounds):
+        return statistics.median(x / y for x, y in zip(a.rounds, b.rounds))
+    return a.median_ms / b.median_ms
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timing:
@@ -94,13 +103,14 @@ def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timi
     return Timing(m.median * 1e3, q[0] * 1e3, q[3] * 1e3, len(m.raw_times) * m.number_per_run)
 
 
-def time_interleaved(fns: dict, quick: bool) -> dict:
+def time_interleaved(fns: dict, quick: bool, min_time: Optional[float] = None) -> dict:
     """CPU timings of several candidates measured in alternation: {name: Timing}.
 
     Each round runs every candidate for the same number of calls (at least ~10 ms per candidate),
     so all of them sample the same machine state; on a shared VM the speed drifts by 10-25%
     over seconds, which timing one candidate after the other turns into fake ratios. Median
-    and 20/80 percentiles are over rounds, per call.
+    and 20/80 percentiles are over rounds, per call; ``paired_ratio`` compares two candidates
+    round by round.
     """
     import time
 
@@ -112,10 +122,10 @@ def time_interleaved(fns: dict, quick: bool) -> dict:
         t0 = time.perf_counter()
         fn()
         calls[name] = max(1, int(0.01 / max(time.perf_counter() - t0, 1e-7)))
-    budget = (0.25 if quick else 1.0) * len(names)
+    budget = (min_time if min_time else (0.25 if quick else 1.0)) * len(names)
     samples = {name: [] for name in names}
     start = time.perf_counter()
-    while len(samples[names[0]]) < 5 or (time.perf_counter() - start < budget and len(samples[names[0]]) < 400):
+    while len(samples[names[0]]) < 5 or (time.perf_counter() - start < budget and len(samples[names[0]]) < 2000):
         for name in names:
             fn, n = fns[name], calls[name]
             t0 = time.perf_counter()
@@ -125,7 +135,7 @@ def time_interleaved(fns: dict, quick: bool) -> dict:
     out = {}
     for name, times in samples.items():
         q = statistics.quantiles(sorted(times), n=5)
-        out[name] = Timing(statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3, len(times) * calls[name])
+        out[name] = Timing(statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3, len(times) * calls[name], times)
     return out
 
 

@@ -18,7 +18,8 @@ import unilora_kernels as uk
 from unilora_kernels import backends
 from unilora_kernels import projection as P
 
-from common import largest_allocation_bytes, peak_memory_bytes, saved_for_backward_bytes, time_fn, time_interleaved
+from common import (largest_allocation_bytes, paired_ratio, peak_memory_bytes, saved_for_backward_bytes, time_fn,
+                    time_interleaved)
 from naive import NaiveUniLoRALinear
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -143,7 +144,8 @@ def reference_results(naive: Candidate, x, g) -> dict:
     return {"out": infer(), "grad_x": grads[0], "grad_theta": grads[1]}
 
 
-def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, measure_memory, bar) -> list:
+def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, measure_memory, bar,
+               min_time=None) -> list:
     gen = torch.Generator().manual_seed(M)
     x = torch.randn(M, in_f, generator=gen).to(device=device, dtype=dtype)
     g = torch.randn(M, out_f, generator=gen).to(device=device, dtype=dtype)
@@ -164,13 +166,13 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
             checked.append((c, row))
         fns = {c.name: make_fns(c, x, g)[0 if mode == "inference" else 1] for c, row in checked if row["correct"]}
         # CPU: all candidates in alternation (time_interleaved); GPU: one after the other (do_bench)
-        cpu_times = time_interleaved(fns, quick) if device.type != "cuda" else {}
+        cpu_times = time_interleaved(fns, quick, min_time) if device.type != "cuda" else {}
         for c, row in checked:
             if row["correct"]:
                 fn = fns[c.name]
                 t = cpu_times[c.name] if cpu_times else time_fn(fn, device, quick)
                 row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
-                timings[c.name] = t.median_ms
+                timings[c.name] = t
                 if measure_memory and mode == "training":
                     row["saved_bytes"] = saved_for_backward_bytes(lambda: c.module(x.detach().requires_grad_(True)))
                     row["largest_alloc_bytes"] = largest_allocation_bytes(fn, device)
@@ -180,7 +182,8 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
         naive_ref = "peft-unilora" if "peft-unilora" in timings else "naive"
         for row in rows[-len(cands):]:
             if "median_ms" in row:
+                t = timings[row["candidate"]]
                 row["naive_ref"] = naive_ref
-                row["ratio_to_naive"] = row["median_ms"] / timings[naive_ref] if naive_ref in timings else None
-                row["ratio_to_base"] = row["median_ms"] / timings["base"] if "base" in timings else None
+                row["ratio_to_naive"] = paired_ratio(t, timings[naive_ref]) if naive_ref in timings else None
+                row["ratio_to_base"] = paired_ratio(t, timings["base"]) if "base" in timings else None
     return rows

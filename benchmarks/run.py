@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds: start no new layer config after this (the rest are listed as skipped)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="CPU: seconds of timing per candidate and config (default 1, 0.25 with --quick); "
+                        "more gives steadier ratios on a noisy machine")
     p.add_argument("--cpu-gflop-budget", type=float, default=None,
                    help="skip CPU configs whose training step needs more GFLOP than this")
     return p.parse_args(argv)
@@ -291,7 +294,7 @@ def main(argv=None) -> int:
                 continue
             bar.set_postfix_str(f"{in_f}x{out_f} d={d} M={M}")
             rows += run_config(cands, in_f, out_f, args.r, d, M, modes, dtype, device, args.quick,
-                               not args.no_memory, bar)
+                               not args.no_memory, bar, min_time=args.min_time)
             write_csv(os.path.join(out_dir, "layer.csv"), rows, LAYER_COLUMNS)  # partial results survive a kill
         del cands
         gc.collect()
