@@ -224,6 +224,69 @@ def test_opcheck_every_cpp_op(kind, p):
     )
     torch.library.opcheck(C._hashed_index.default, (torch.arange(50, dtype=torch.int64), 50, 7, 99))
     torch.library.opcheck(C._philox_randint.default, (torch.arange(50, dtype=torch.int64), 5))
+    # the fused linear ops (M = 6 < max(in, out): update path; 14 rows: the fold path)
+    w = torch.randn(out_f, in_f)
+    b = torch.randn(out_f)
+    for xs in (x, torch.randn(14, in_f)):
+        torch.library.opcheck(C.linear.default, (xs, w, b, False) + common)
+        gs = torch.randn(xs.shape[0], out_f)
+        h0 = torch.empty(0, r)
+        for need_x, need_t in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(C.linear_backward.default, (gs, xs, w, False) + common + (h0, need_x, need_t, False))
+        for bias in (b, None):
+            args = (xs.clone().requires_grad_(True), w, bias, False, theta.clone().requires_grad_(True)) + common[1:]
+            torch.library.opcheck(C.linear_autograd.default, args + (False,))
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 3, 70])  # decode, update path, fold path (70 >= max(in, out))
+@pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_linear_autograd_matches_oracle(M, weight_t, with_bias, p):
+    """unilora_C::linear_autograd (autograd in C++, what UniLoRALinear trains with on cpu/cuda):
+    output and the gradients of x, theta, a trainable weight and bias against the oracle; the
+    same output below autograd (inference mode)."""
+    in_f, out_f, r = 37, 53, 4
+    proj = make_projection(in_f, out_f, r, D_SMALL, "uniform", seed=1, extra_layers=1)
+    theta = random_theta(D_SMALL, 3).requires_grad_(True)
+    w = ((torch.randn(in_f, out_f) if weight_t else torch.randn(out_f, in_f)) / in_f**0.5).requires_grad_(True)
+    b = torch.randn(out_f).requires_grad_(True) if with_bias else None
+    x = torch.randn(M, in_f).requires_grad_(True)
+    g = torch.randn(M, out_f)
+    seed = _seed(p)
+    out = ext.linear_autograd(x, w, b, weight_t, theta, proj, p, seed)
+    ref = oracle(x, theta, proj, weight=w, bias=b, weight_t=weight_t, p=p, seed=seed, grad_out=g)
+    assert_close(out, ref["out"], torch.float32, "out")
+    inputs = [x, w, theta] + ([b] if with_bias else [])
+    grads = torch.autograd.grad(out, inputs, g)
+    assert_close(grads[0], ref["grad_x"], torch.float32, "grad_x")
+    gw = (x.double().t() @ g.double()) if weight_t else (g.double().t() @ x.double())
+    assert_close(grads[1], gw, torch.float32, "grad_weight")
+    assert_close(grads[2], ref["grad_theta"], torch.float32, "grad_theta")
+    if with_bias:
+        assert_close(grads[3], ref["grad_bias"], torch.float32, "grad_bias")
+    # frozen base: only x and theta get gradients
+    out2 = ext.linear_autograd(x, w.detach(), None if b is None else b.detach(), weight_t, theta, proj, p, seed)
+    gx2, gt2 = torch.autograd.grad(out2, [x, theta], g)
+    assert torch.equal(gx2, grads[0]) and torch.equal(gt2, grads[2])
+    with torch.inference_mode():
+        out3 = ext.linear_autograd(x.detach(), w.detach(), None if b is None else b.detach(), weight_t,
+                                   theta.detach(), proj, p, seed)
+    assert torch.equal(out3, out.detach())
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_linear_autograd_gradcheck(p):
+    proj = make_projection(9, 6, 2, 11, "uniform", seed=2)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    theta = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    seed = _seed(p)
+    assert torch.autograd.gradcheck(lambda x, w, b, t: ext.linear_autograd(x, w, b, False, t, proj, p, seed),
+                                    (x, w, b, theta))
 
 
 # ------------------------------------------------------------------ bit-exact header ---------

@@ -211,6 +211,14 @@ class UniLoRALinear(nn.Module):
             if torch.compiler.is_compiling():
                 out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)
             elif _needs_grad(x, theta, base):
+                impl = backends.get_backend(backend, x.device.type)
+                if hasattr(impl, "linear_autograd") and x.numel() > 0:  # compiled backends: autograd in C++
+                    x2d = x.reshape(-1, self.in_features)
+                    proj = backends.LayerProjection(self.unilora_indices_A, self.unilora_indices_B, scales, self.r,
+                                                    self.in_features, self.out_features, tuple(self._hashed))
+                    out2d = impl.linear_autograd(x2d, base.weight, base.bias, self._weight_t, theta, proj, p,
+                                                 ops._seed_value(p, seed))
+                    return out2d.view(*x.shape[:-1], self.out_features)
                 out, _ = ops.LinearFunction.apply(x, base.weight, base.bias, self._weight_t, *proj_args)
             else:
                 out, _ = ops.linear_forward(x, base.weight, base.bias, self._weight_t, *proj_args)

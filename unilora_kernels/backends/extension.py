@@ -137,6 +137,10 @@ if _C is not None:
         return x.new_empty((x.shape[0], out_f)), x.new_empty((h_rows(x.device.type, x.shape[0]), r),
                                                              dtype=_compute_dtype(x.dtype, theta.dtype))
 
+    @torch.library.register_fake("unilora_C::linear_autograd")
+    def _linear_autograd_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed, det):
+        return x.new_empty((x.shape[0], weight.shape[1] if weight_t else weight.shape[0]))
+
     @torch.library.register_fake("unilora_C::linear_backward")
     def _linear_backward_fake(g, x, weight, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed, h, need_x,
                               need_theta, deterministic):
@@ -247,6 +251,15 @@ def linear(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: flo
     return torch.ops.unilora_C.linear(
         x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
         float(p), _seed(p, seed),
+    )
+
+
+def linear_autograd(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: float, seed):
+    """The output of ``linear`` with its autograd in C++ (``unilora_C::linear_autograd``): what
+    ``UniLoRALinear`` runs for eager training on this backend, one C++ call each way."""
+    return torch.ops.unilora_C.linear_autograd(
+        x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
+        float(p), _seed(p, seed), deterministic(),
     )
 
 
