@@ -5,10 +5,9 @@
 // cache, and those frames cost ~0.5 ms per layer and step on CPU (measured at 1024 x 1024,
 // M = 2048: as much as the whole adapter backward). Here forward and backward are one C++ call
 // each. The math is unilora_C::linear / linear_backward (called through the dispatcher, so the
-// CPU or CUDA kernels run); fake kernel in backends/extension.py.
+// CPU or CUDA kernels run); registered in ops.cpp, fake kernel in backends/extension.py.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/library.h>
 
 #include "unilora.h"
 
@@ -92,6 +91,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
+}  // namespace
+
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
                            const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p, int64_t seed,
@@ -100,7 +101,6 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::
                                deterministic);
 }
 
-// Below autograd (no grad recording: inference mode, or the Autograd kernel's own call): the output.
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
                               const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed,
@@ -108,17 +108,4 @@ at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c1
   return std::get<0>(call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed));
 }
 
-}  // namespace
 }  // namespace unilora
-
-TORCH_LIBRARY_FRAGMENT(unilora_C, m) {
-  // The output of `linear`, differentiable in x, weight, bias and theta (autograd in C++).
-  m.def(
-      "linear_autograd(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hashed, float p, int seed, bool deterministic) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(unilora_C, Autograd, m) { m.impl("linear_autograd", &unilora::linear_autograd); }
-TORCH_LIBRARY_IMPL(unilora_C, CompositeExplicitAutograd, m) {
-  m.impl("linear_autograd", &unilora::linear_no_autograd);
-}

@@ -336,6 +336,11 @@ TORCH_LIBRARY(unilora_C, m) {
       "linear_backward(Tensor grad_out, Tensor x, Tensor weight, bool weight_t, Tensor theta, Tensor scales, "
       "Tensor idx_a, Tensor idx_b, int r, int[] hashed, float p, int seed, Tensor h, bool need_x, bool need_theta, "
       "bool deterministic) -> (Tensor, Tensor)");
+  // The output of `linear`, differentiable in x, weight, bias and theta with its autograd in C++
+  // (csrc/autograd.cpp): the eager training path of UniLoRALinear on the compiled backends.
+  m.def(
+      "linear_autograd(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hashed, float p, int seed, bool deterministic) -> Tensor");
   // Test ops: the header's index and dropout functions, element-wise over int64 tensors.
   m.def("_hashed_index(Tensor positions, int D, int d, int key) -> Tensor");
   m.def("_philox_randint(Tensor offsets, int seed) -> Tensor");
@@ -350,6 +355,11 @@ TORCH_LIBRARY_IMPL(unilora_C, CPU, m) {
   m.impl("linear_backward", &unilora::linear_backward_op<&unilora::linear_backward_cpu>);
   m.impl("_hashed_index", &unilora::hashed_index_op_cpu);
   m.impl("_philox_randint", &unilora::philox_op_cpu);
+}
+
+TORCH_LIBRARY_IMPL(unilora_C, Autograd, m) { m.impl("linear_autograd", &unilora::linear_autograd); }
+TORCH_LIBRARY_IMPL(unilora_C, CompositeExplicitAutograd, m) {
+  m.impl("linear_autograd", &unilora::linear_no_autograd);
 }
 
 #ifdef UNILORA_WITH_CUDA

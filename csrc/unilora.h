@@ -60,6 +60,17 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, cons
                                                        const Dropout& dr, const at::Tensor& h, bool need_x,
                                                        bool need_theta, bool deterministic);
 
+// ---- autograd.cpp: unilora_C::linear_autograd, the output of `linear` with autograd in C++ ----
+at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                           bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
+                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p, int64_t seed,
+                           bool deterministic);
+// Below autograd (inference mode): the output alone.
+at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                              bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
+                              const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed,
+                              double p, int64_t seed, bool deterministic);
+
 #ifdef UNILORA_WITH_CUDA
 // ---- CUDA (cuda_*.cu) ----
 at::Tensor forward_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,

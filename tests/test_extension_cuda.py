@@ -179,3 +179,22 @@ def test_backend_resolution_and_prefer_rule():
         assert backends.resolve("auto", "cuda", (1, 4096, 4096, 16)) == "cuda"
         assert backends.resolve("auto", "cuda", (2048, 4096, 4096, 16)) == "triton"
         assert backends.resolve("auto", "cuda") == "triton"
+
+
+@pytest.mark.parametrize("M", [1, 16, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_linear_autograd_on_cuda(M, dtype):
+    """unilora_C::linear_autograd (UniLoRALinear's eager training path) on CUDA tensors."""
+    in_f, out_f, r = 1024, 512, 4
+    proj, theta, x = _inputs((M, in_f, out_f, r), dtype, "uniform")
+    theta.requires_grad_(True)
+    x.requires_grad_(True)
+    w = (torch.randn(out_f, in_f, device=DEV) / in_f**0.5).to(dtype)
+    b = torch.randn(out_f, device=DEV).to(dtype)
+    g = torch.randn(M, out_f, device=DEV).to(dtype)
+    out = ext.linear_autograd(x, w, b, False, theta, proj, 0.0, None)
+    ref = oracle(x, theta, proj, weight=w, bias=b, grad_out=g)
+    assert_close(out, ref["out"], dtype, "out")
+    gx, gt = torch.autograd.grad(out, [x, theta], g)
+    assert_close(gx, ref["grad_x"], dtype, "grad_x")
+    assert_close(gt, ref["grad_theta"], dtype, "grad_theta")
