@@ -61,30 +61,6 @@ bool avx512() {
 // ---- fold -----------------------------------------------------------------------------------
 namespace {
 
-// o[q] = a[q] + b[q]. On x86 with o 16-byte aligned (the fold's own buffer), non-temporal
-// stores: the layer-sized result is not read back by this thread, and a normal store would
-// first read every line of it from memory (4 MB at 1024 x 1024 fp32; in a cold-cache
-// microbenchmark the fold took 0.51-0.63 ms on average instead of 0.60-1.0 ms).
-inline __attribute__((always_inline)) void add_rows_out(const float* a, const float* b, float* o, int64_t n) {
-  int64_t q = 0;
-#ifdef UNILORA_SIMD_X86
-  if ((reinterpret_cast<uintptr_t>(o) & 15) == 0) {
-    for (; q + 4 <= n; q += 4) _mm_stream_ps(o + q, _mm_add_ps(_mm_loadu_ps(a + q), _mm_loadu_ps(b + q)));
-  }
-#endif
-  for (; q < n; ++q) o[q] = a[q] + b[q];
-}
-
-inline __attribute__((always_inline)) void add_rows_out(const double* a, const double* b, double* o, int64_t n) {
-  int64_t q = 0;
-#ifdef UNILORA_SIMD_X86
-  if ((reinterpret_cast<uintptr_t>(o) & 15) == 0) {
-    for (; q + 2 <= n; q += 2) _mm_stream_pd(o + q, _mm_add_pd(_mm_loadu_pd(a + q), _mm_loadu_pd(b + q)));
-  }
-#endif
-  for (; q < n; ++q) o[q] = a[q] + b[q];
-}
-
 // The update row is summed first (in a row buffer that stays in L1) and added to w once, so w's
 // large entries round it once.
 template <typename T>
@@ -103,11 +79,10 @@ inline __attribute__((always_inline)) void fold_body(const T* __restrict w, int6
       const T* Rk = R + k * Q;
       for (int64_t q = 0; q < Q; ++q) t[q] += sk * Rk[q];
     }
-    add_rows_out(w + p * ldw, t, out + p * ldo, Q);
+    const T* wr = w + p * ldw;
+    T* o = out + p * ldo;
+    for (int64_t q = 0; q < Q; ++q) o[q] = wr[q] + t[q];
   }
-#ifdef UNILORA_SIMD_X86
-  _mm_sfence();  // order the non-temporal stores before the caller's barrier hands the rows on
-#endif
 }
 
 }  // namespace
