@@ -253,27 +253,8 @@ def backward_body(
     return grad_x, grad_theta
 
 
-@torch.library.custom_op("unilora::backward", mutates_args=())
-def _backward_op(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Optional[Tensor],
-    weight_t: bool,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Tensor,
-    idx_b: Tensor,
-    r: int,
-    hashed: list[int],
-    dropout_p: float,
-    seed: Optional[Tensor],
-    h: Tensor,
-    need_grad_x: bool,
-    need_grad_theta: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return backward_body(grad_out, x, weight, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed,
-                         h, need_grad_x, need_grad_theta, backend)
+# The custom op wraps the same function, which stays callable without the op's dispatch.
+_backward_op = torch.library.custom_op("unilora::backward", mutates_args=())(backward_body)
 
 
 @_backward_op.register_fake
