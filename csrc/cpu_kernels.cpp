@@ -412,6 +412,27 @@ at::Tensor forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
     return h;
   }
   const auto [A, B] = gather_cpu(theta, pj, cd);
+  if (cd == at::kFloat && x.scalar_type() == cd && out.scalar_type() == cd && !dr.active && x.stride(1) == 1 &&
+      out.stride(1) == 1 && simd::available()) {
+    // One pass per x row: h = x A^T, out += h B^T (BLAS runs these r-wide products slowly).
+    RECORD_FUNCTION("unilora_cpu::adapter_forward_simd", std::vector<c10::IValue>());
+    const at::Tensor BT = B.t().contiguous();
+    simd::AdapterForward a;
+    a.x = x.data_ptr<float>();
+    a.ldx = x.stride(0);
+    a.A = A.data_ptr<float>();
+    a.BT = BT.data_ptr<float>();
+    a.r = r;
+    a.in_f = in_f;
+    a.out_f = out_f;
+    a.out = out.data_ptr<float>();
+    a.ldo = out.stride(0);
+    a.h = h.data_ptr<float>();
+    run_chunks((M + kSimdRows - 1) / kSimdRows, [&](int64_t, int64_t b0, int64_t b1) {
+      simd::adapter_forward(a, b0 * kSimdRows, std::min(M, b1 * kSimdRows));
+    });
+    return h;
+  }
   const at::Tensor Bt = B.t();
   const bool out_direct = out.scalar_type() == cd;
   const int64_t mb = block_rows(std::max(in_f, out_f), at::elementSize(cd));

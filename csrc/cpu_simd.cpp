@@ -212,6 +212,14 @@ UNILORA_AVX2 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf
   if (a.gx != nullptr) grad_rows<MR>(ubuf, a.A, a.r, a.in_f, a.gx + m * a.ldgx, a.ldgx, a.gx_add);
 }
 
+// The update of MR rows: h = x A^T (stored), out += h B^T.
+template <int MR>
+UNILORA_AVX2 void forward_rows(const AdapterForward& a, int64_t m) {
+  float* hp = a.h + m * a.r;
+  dots_all<MR>(a.x + m * a.ldx, a.ldx, a.A, a.r, a.in_f, hp, a.r);
+  grad_rows<MR>(hp, a.BT, a.r, a.out_f, a.out + m * a.ldo, a.ldo, true);
+}
+
 template <int MM>
 UNILORA_AVX2 void gemv_impl(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, const float* bias,
                             float* out, int64_t ldo, int64_t o0, int64_t o1) {
@@ -395,6 +403,13 @@ UNILORA_AVX512 void backward_rows(const AdapterBackward& a, int64_t m, float* hb
   if (a.gx != nullptr) grad_rows<MR>(ubuf, a.A, a.r, a.in_f, a.gx + m * a.ldgx, a.ldgx, a.gx_add);
 }
 
+template <int MR>
+UNILORA_AVX512 void forward_rows(const AdapterForward& a, int64_t m) {
+  float* hp = a.h + m * a.r;
+  dots_all<MR>(a.x + m * a.ldx, a.ldx, a.A, a.r, a.in_f, hp, a.r);
+  grad_rows<MR>(hp, a.BT, a.r, a.out_f, a.out + m * a.ldo, a.ldo, true);
+}
+
 }  // namespace z
 
 void adapter_backward(const AdapterBackward& a, int64_t m0, int64_t m1) {
@@ -421,6 +436,28 @@ void adapter_backward(const AdapterBackward& a, int64_t m0, int64_t m1) {
   }
 }
 
+void adapter_forward(const AdapterForward& a, int64_t m0, int64_t m1) {
+  const bool wide = avx512();
+  for (int64_t m = m0; m < m1; m += 4) {
+    const int64_t rows = std::min<int64_t>(4, m1 - m);
+    if (wide) {
+      switch (rows) {
+        case 4: z::forward_rows<4>(a, m); break;
+        case 3: z::forward_rows<3>(a, m); break;
+        case 2: z::forward_rows<2>(a, m); break;
+        default: z::forward_rows<1>(a, m); break;
+      }
+      continue;
+    }
+    switch (rows) {
+      case 4: forward_rows<4>(a, m); break;
+      case 3: forward_rows<3>(a, m); break;
+      case 2: forward_rows<2>(a, m); break;
+      default: forward_rows<1>(a, m); break;
+    }
+  }
+}
+
 void gemv_rows(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t mm, int64_t in_f, const float* bias,
                float* out, int64_t ldo, int64_t o0, int64_t o1) {
   switch (mm) {
@@ -434,6 +471,7 @@ void gemv_rows(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t
 #else  // no AVX2 kernels in this build: available() is false and callers never get here
 
 void adapter_backward(const AdapterBackward&, int64_t, int64_t) { std::abort(); }
+void adapter_forward(const AdapterForward&, int64_t, int64_t) { std::abort(); }
 void gemv_rows(const float*, int64_t, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t, int64_t,
                int64_t) {
   std::abort();

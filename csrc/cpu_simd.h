@@ -51,6 +51,20 @@ struct AdapterBackward {
 };
 void adapter_backward(const AdapterBackward& a, int64_t m0, int64_t m1);
 
+// The update over rows [m0, m1), fp32, unit column strides: h[m] = x[m] A^T (stored, h is
+// (M x r) contiguous) and out[m, :] += h[m] B^T. Needs available().
+struct AdapterForward {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const float* A = nullptr;   // (r x in) row-major
+  const float* BT = nullptr;  // (r x out) row-major
+  int64_t r = 0, in_f = 0, out_f = 0;
+  float* out = nullptr;
+  int64_t ldo = 0;
+  float* h = nullptr;
+};
+void adapter_forward(const AdapterForward& a, int64_t m0, int64_t m1);
+
 // out[m, o] = bias[o] + w[o, :] . x[m, :] for m < mm (<= 4) and o in [o0, o1); w is (out x in)
 // with row stride ldw; bias may be nullptr. Needs available().
 void gemv_rows(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t mm, int64_t in_f,
