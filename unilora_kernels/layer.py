@@ -206,14 +206,16 @@ class UniLoRALinear(nn.Module):
         proj_args = (theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed, backend)
         if self._weight_t is not None and not args and not kwargs and self._can_fuse(x):
             # Eager mode skips the custom op's Python dispatch (tens of microseconds, as much as a
-            # decode step): the op's body when nothing needs a gradient; for training, the compiled
-            # backends' C++ autograd (unilora_C::linear_autograd), else ops.LinearFunction over
+            # decode step): the op's body when nothing needs a gradient; for training, the cpu
+            # backend's C++ autograd (unilora_C::linear_autograd), else ops.LinearFunction over
             # the custom op's bodies. torch.compile traces the custom op.
             if torch.compiler.is_compiling():
                 out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)
             elif _needs_grad(x, theta, base):
                 impl = backends.get_backend(backend, x.device.type)
-                if hasattr(impl, "linear_autograd") and x.numel() > 0:  # compiled backends: autograd in C++
+                # autograd in C++ on the CPU backend (the CUDA one keeps the path verified on a GPU
+                # until linear_autograd has run there: tests/test_extension_cuda.py)
+                if x.device.type == "cpu" and hasattr(impl, "linear_autograd") and x.numel() > 0:
                     x2d = x.reshape(-1, self.in_features)
                     out2d = impl.linear_autograd(x2d, base.weight, base.bias, self._weight_t, theta,
                                                  self.projection(x.device), p, ops._seed_value(p, seed))

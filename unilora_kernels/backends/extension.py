@@ -256,7 +256,7 @@ def linear(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: flo
 
 def linear_autograd(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: float, seed):
     """The output of ``linear`` with its autograd in C++ (``unilora_C::linear_autograd``): what
-    ``UniLoRALinear`` runs for eager training on this backend, one C++ call each way."""
+    ``UniLoRALinear`` runs for eager training on the ``cpu`` backend, one C++ call each way."""
     return torch.ops.unilora_C.linear_autograd(
         x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
         float(p), _seed(p, seed), deterministic(),
