@@ -26,7 +26,7 @@ namespace {
 
 constexpr int64_t kGrain = 8192;               // elements per task of the element-wise loops
 constexpr int64_t kBlockBytes = 512 * 1024;    // one row block of x (or g) in compute precision
-constexpr int64_t kSimdRows = 64;              // rows per block of the SIMD backward (blocks split by thread)
+constexpr int64_t kSimdRows = 64;              // rows per block of the SIMD forward/backward (blocks split by thread)
 
 int64_t block_rows(int64_t width, int64_t elem_size) {
   return std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(1, width * elem_size), 16, 1024);
@@ -68,7 +68,7 @@ void gather_into(const theta_t* theta, const Projection& pj, acc_t* dst_a, acc_t
   std::atomic<bool> bad{false};
   // theta and the scales are read at random and are usually out of cache by the time a layer
   // runs (the GEMMs stream far more than L3 between two steps): prefetch kAhead elements ahead
-  // so the misses overlap (measured: 80 us -> 25 us for 8192 elements, d = 23,040).
+  // so the misses overlap (measured: 80 us -> 50 us for 8192 elements, d = 23,040).
   constexpr int64_t kAhead = 32;
   at::parallel_for(0, n, kGrain / 4, [&](int64_t b, int64_t e) {
     bool oob = false;
@@ -635,7 +635,8 @@ bool fold_into_weight(int64_t M, const at::Tensor& x, const at::Tensor& w, at::S
 
 // A (P x Q) buffer for W + B A, contiguous, valid until this thread's next fold. Reused because
 // a fresh layer-sized allocation comes from mmap and every page of it faults on first touch:
-// measured 0.9 ms per 1024 x 1024 fp32 fold with a fresh buffer, 0.16 ms with a reused one.
+// measured in a training step, 0.89 ms per 1024 x 1024 fp32 fold with a fresh buffer, 0.35-0.49 ms
+// with a reused one (0.16 ms with the data in cache).
 // Weights over kMaxFoldScratch bytes get a fresh buffer (their GEMM dwarfs the faults); the
 // buffer kept is at most that large, one per thread that folds.
 constexpr int64_t kMaxFoldScratch = int64_t(64) << 20;
@@ -653,8 +654,9 @@ at::Tensor fold_scratch(const at::Tensor& w) {
 
 constexpr int64_t kFoldMaxR = 16;  // above this the fold's r multiply-adds per element favour a GEMM
 
-// W + B A in the weight's layout ((out, in), or (in, out) for Conv1D), fresh and contiguous.
-// One streaming pass (simd::fold_rows, ~0.1 ms at 1024 x 1024) where addmm with K = r takes
+// W + B A in the weight's layout ((out, in), or (in, out) for Conv1D), contiguous: a view of this
+// thread's fold buffer (fold_scratch), valid until its next fold. One streaming pass
+// (simd::fold_rows, ~0.16 ms at 1024 x 1024 with the data in cache) where addmm with K = r takes
 // ~0.7 ms plus a copy of W (measured, MKL, 2 threads).
 at::Tensor folded_weight(const at::Tensor& w, bool weight_t, const at::Tensor& A, const at::Tensor& B) {
   RECORD_FUNCTION("unilora_cpu::fold", std::vector<c10::IValue>());  // a named range in torch.profiler
