@@ -2,7 +2,7 @@
 // with a dimension of r (~4) and the M <= 4 decode GEMV fused with the update. Pointer-level
 // and single-threaded: callers (cpu_kernels.cpp) split rows between threads.
 //
-// x86-64 builds carry an AVX2+FMA version (and AVX-512 loops for the backward) selected at run
+// x86-64 builds carry an AVX2+FMA version (and AVX-512 loops for the update and backward) selected at run
 // time (the package is built for the baseline ISA, so the compiler would emit SSE2 only);
 // `available()` / `avx512()` say what runs here.
 // Elsewhere, or with UNILORA_CPU_SIMD=0, callers use their BLAS path instead.
@@ -15,7 +15,7 @@ namespace simd {
 
 // True when the AVX2+FMA kernels can run on this CPU and UNILORA_CPU_SIMD is not "0".
 bool available();
-// True when adapter_backward uses its AVX-512 loops: available(), the CPU has AVX-512F, and
+// True when adapter_forward / adapter_backward use their AVX-512 loops: available(), the CPU has AVX-512F, and
 // UNILORA_CPU_SIMD is not "avx2" (which keeps every kernel on AVX2, e.g. to test that path).
 bool avx512();
 
