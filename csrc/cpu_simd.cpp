@@ -71,6 +71,14 @@ inline __attribute__((always_inline)) void fold_body(const T* __restrict w, int6
   std::vector<T> row(static_cast<size_t>(Q));
   T* __restrict t = row.data();
   for (int64_t p = p0; p < p1; ++p) {
+    if (p + 1 < p1) {  // the next rows of w and out: each row starts a new page (see Ahead below)
+      const char* nw = reinterpret_cast<const char*>(w + (p + 1) * ldw);
+      const char* no = reinterpret_cast<const char*>(out + (p + 1) * ldo);
+      for (int64_t b = 0; b < Q * static_cast<int64_t>(sizeof(T)); b += 64) {
+        __builtin_prefetch(nw + b, 0, 2);
+        __builtin_prefetch(no + b, 1, 2);
+      }
+    }
     const T* sp = s + p * s_rs;
     const T s0 = sp[0];
     for (int64_t q = 0; q < Q; ++q) t[q] = s0 * R[q];
@@ -101,6 +109,23 @@ UNILORA_CLONES void fold_rows(const double* w, int64_t ldw, const double* s, int
 #ifdef UNILORA_SIMD_X86
 namespace {
 
+// Rows [0, rows) of a matrix (row stride ld) that the next block of rows will read: the loop over
+// the columns of the current block calls touch(i) once per 16 floats (one 64-byte line) and
+// fetches that line of each next row into L2. At 1024 features a row is a 4 KB page, and the
+// hardware prefetchers stop at page boundaries, so without this each block of rows starts with
+// misses to memory. Measured after a cache flush at 2048 x 1024, 2 threads: theta's gradient
+// (gather, adapter backward, scatter) 14% faster with AVX-512, 10% with AVX2, with the next
+// block of rows prefetched (one block ahead: as good as two, better than four or eight); the
+// fold with its next row prefetched, 0.57 -> 0.50 ms (medians of 60 paired calls).
+struct Ahead {
+  const float* p = nullptr;
+  int64_t ld = 0;
+  int rows = 0;
+  inline void touch(int64_t i) const {
+    for (int m = 0; m < rows; ++m) _mm_prefetch(reinterpret_cast<const char*>(p + m * ld + i), _MM_HINT_T1);
+  }
+};
+
 UNILORA_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -111,12 +136,14 @@ UNILORA_AVX2 inline float hsum(__m256 v) {
 // out[m * ldo + kk] = rows[m, :n] . mat[kk, :n] for m < MR, kk < KN (mat rows n apart).
 // MR x KN independent accumulators: each loaded vector feeds several FMAs.
 template <int MR, int KN>
-UNILORA_AVX2 void dots(const float* rows, int64_t ld, const float* mat, int64_t n, float* out, int64_t ldo) {
+UNILORA_AVX2 void dots(const float* rows, int64_t ld, const float* mat, int64_t n, float* out, int64_t ldo,
+                       const Ahead& pf = Ahead()) {
   __m256 acc[MR][KN];
   for (int m = 0; m < MR; ++m)
     for (int k = 0; k < KN; ++k) acc[m][k] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
+    if ((i & 15) == 0) pf.touch(i);
     __m256 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(rows + m * ld + i);
     for (int k = 0; k < KN; ++k) {
@@ -137,24 +164,28 @@ UNILORA_AVX2 void dots(const float* rows, int64_t ld, const float* mat, int64_t 
 // MR row vectors and one matrix vector must fit the 16 ymm registers (no spills).
 template <int MR>
 UNILORA_AVX2 void dots_all(const float* rows, int64_t ld, const float* mat, int64_t kn, int64_t n, float* out,
-                           int64_t ldo) {
+                           int64_t ldo, const Ahead& pf = Ahead()) {
   constexpr int KMAX = MR >= 3 ? 2 : 4;
+  const Ahead none;
   int64_t k = 0;
-  for (; k + KMAX <= kn; k += KMAX) dots<MR, KMAX>(rows, ld, mat + k * n, n, out + k, ldo);
-  for (; k + 2 <= kn; k += 2) dots<MR, 2>(rows, ld, mat + k * n, n, out + k, ldo);
-  if (k < kn) dots<MR, 1>(rows, ld, mat + k * n, n, out + k, ldo);
+  for (; k + KMAX <= kn; k += KMAX) dots<MR, KMAX>(rows, ld, mat + k * n, n, out + k, ldo, k == 0 ? pf : none);
+  for (; k + 2 <= kn; k += 2) dots<MR, 2>(rows, ld, mat + k * n, n, out + k, ldo, k == 0 ? pf : none);
+  if (k < kn) dots<MR, 1>(rows, ld, mat + k * n, n, out + k, ldo, k == 0 ? pf : none);
 }
 
 // dst[k, :n] += sum_m coef[m * ldc + k] * rows[m, :n] for k < kn (dst rows n apart).
 template <int MR>
 UNILORA_AVX2 void axpys(const float* rows, int64_t ld, const float* coef, int64_t ldc, int64_t kn, float* dst,
-                        int64_t n) {
+                        int64_t n, const Ahead& pf = Ahead()) {
+  const Ahead none;
   for (int64_t k = 0; k < kn; ++k) {
+    const Ahead& p = k == 0 ? pf : none;  // the next rows once, on the first pass
     __m256 c[MR];
     for (int m = 0; m < MR; ++m) c[m] = _mm256_set1_ps(coef[m * ldc + k]);
     float* d = dst + k * n;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
+      if ((i & 15) == 0) p.touch(i);
       __m256 v = _mm256_loadu_ps(d + i);
       for (int m = 0; m < MR; ++m) v = _mm256_fmadd_ps(c[m], _mm256_loadu_ps(rows + m * ld + i), v);
       _mm256_storeu_ps(d + i, v);
@@ -191,10 +222,12 @@ UNILORA_AVX2 void grad_rows(const float* u, const float* A, int64_t r, int64_t n
 
 // MR rows starting at row m: h and u in registers-sized buffers, then the three accumulations.
 // The x and g rows (MR x 4 KB at in = out = 1024) stay in L1 between the dots and the axpys.
+// The first pass over the block's x (g) rows also prefetches the next `ahead` rows of x (g).
 template <int MR>
-UNILORA_AVX2 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf, float* ubuf) {
+UNILORA_AVX2 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf, float* ubuf, int ahead) {
   const float* xr = a.x + m * a.ldx;
   const float* gr = a.g + m * a.ldg;
+  Ahead px{xr + MR * a.ldx, a.ldx, ahead}, pg{gr + MR * a.ldg, a.ldg, ahead};
   if (a.dBT != nullptr) {
     const float* hp = hbuf;
     int64_t ldh = a.r;
@@ -202,13 +235,15 @@ UNILORA_AVX2 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf
       hp = a.h + m * a.ldh;
       ldh = a.ldh;
     } else {
-      dots_all<MR>(xr, a.ldx, a.A, a.r, a.in_f, hbuf, a.r);
+      dots_all<MR>(xr, a.ldx, a.A, a.r, a.in_f, hbuf, a.r, px);
+      px.rows = 0;
     }
-    axpys<MR>(gr, a.ldg, hp, ldh, a.r, a.dBT, a.out_f);
+    axpys<MR>(gr, a.ldg, hp, ldh, a.r, a.dBT, a.out_f, pg);
+    pg.rows = 0;
   }
   if (a.dA == nullptr && a.gx == nullptr) return;
-  dots_all<MR>(gr, a.ldg, a.BT, a.r, a.out_f, ubuf, a.r);
-  if (a.dA != nullptr) axpys<MR>(xr, a.ldx, ubuf, a.r, a.r, a.dA, a.in_f);
+  dots_all<MR>(gr, a.ldg, a.BT, a.r, a.out_f, ubuf, a.r, pg);
+  if (a.dA != nullptr) axpys<MR>(xr, a.ldx, ubuf, a.r, a.r, a.dA, a.in_f, px);
   if (a.gx != nullptr) grad_rows<MR>(ubuf, a.A, a.r, a.in_f, a.gx + m * a.ldgx, a.ldgx, a.gx_add);
 }
 
@@ -284,13 +319,15 @@ UNILORA_AVX512 inline __mmask16 tail_mask(int64_t left) {
 
 // out[m * ldo + k] = rows[m, :n] . mat[k, :n] for m < MR, k < KN.
 template <int MR, int KN>
-UNILORA_AVX512 void dots(const float* rows, int64_t ld, const float* mat, int64_t n, float* out, int64_t ldo) {
+UNILORA_AVX512 void dots(const float* rows, int64_t ld, const float* mat, int64_t n, float* out, int64_t ldo,
+                         const Ahead& pf = Ahead()) {
   __m512 acc[MR][KN];
   for (int m = 0; m < MR; ++m)
     for (int k = 0; k < KN; ++k) acc[m][k] = _mm512_setzero_ps();
   // Full vectors, then one masked tail (masked memory ops cost more on some CPUs).
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    pf.touch(i);
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(rows + m * ld + i);
     for (int k = 0; k < KN; ++k) {
@@ -313,12 +350,14 @@ UNILORA_AVX512 void dots(const float* rows, int64_t ld, const float* mat, int64_
 
 // dst[k, :n] += sum_m coef[m * ldc + k] * rows[m, :n] for k < KN.
 template <int MR, int KN>
-UNILORA_AVX512 void axpys(const float* rows, int64_t ld, const float* coef, int64_t ldc, float* dst, int64_t n) {
+UNILORA_AVX512 void axpys(const float* rows, int64_t ld, const float* coef, int64_t ldc, float* dst, int64_t n,
+                          const Ahead& pf = Ahead()) {
   __m512 c[MR][KN];
   for (int m = 0; m < MR; ++m)
     for (int k = 0; k < KN; ++k) c[m][k] = _mm512_set1_ps(coef[m * ldc + k]);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    pf.touch(i);
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(rows + m * ld + i);
     for (int k = 0; k < KN; ++k) {
@@ -341,26 +380,28 @@ UNILORA_AVX512 void axpys(const float* rows, int64_t ld, const float* coef, int6
 
 template <int MR>
 UNILORA_AVX512 void dots_all(const float* rows, int64_t ld, const float* mat, int64_t kn, int64_t n, float* out,
-                             int64_t ldo) {
+                             int64_t ldo, const Ahead& pf = Ahead()) {
   for (int64_t k = 0; k < kn; k += 4) {
+    const Ahead& p = k == 0 ? pf : Ahead();  // the next rows once, on the first pass
     switch (std::min<int64_t>(4, kn - k)) {
-      case 4: dots<MR, 4>(rows, ld, mat + k * n, n, out + k, ldo); break;
-      case 3: dots<MR, 3>(rows, ld, mat + k * n, n, out + k, ldo); break;
-      case 2: dots<MR, 2>(rows, ld, mat + k * n, n, out + k, ldo); break;
-      default: dots<MR, 1>(rows, ld, mat + k * n, n, out + k, ldo); break;
+      case 4: z::dots<MR, 4>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
+      case 3: z::dots<MR, 3>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
+      case 2: z::dots<MR, 2>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
+      default: z::dots<MR, 1>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
     }
   }
 }
 
 template <int MR>
 UNILORA_AVX512 void axpys_all(const float* rows, int64_t ld, const float* coef, int64_t ldc, int64_t kn, float* dst,
-                              int64_t n) {
+                              int64_t n, const Ahead& pf = Ahead()) {
   for (int64_t k = 0; k < kn; k += 4) {
+    const Ahead& p = k == 0 ? pf : Ahead();
     switch (std::min<int64_t>(4, kn - k)) {
-      case 4: axpys<MR, 4>(rows, ld, coef + k, ldc, dst + k * n, n); break;
-      case 3: axpys<MR, 3>(rows, ld, coef + k, ldc, dst + k * n, n); break;
-      case 2: axpys<MR, 2>(rows, ld, coef + k, ldc, dst + k * n, n); break;
-      default: axpys<MR, 1>(rows, ld, coef + k, ldc, dst + k * n, n); break;
+      case 4: z::axpys<MR, 4>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
+      case 3: z::axpys<MR, 3>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
+      case 2: z::axpys<MR, 2>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
+      default: z::axpys<MR, 1>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
     }
   }
 }
@@ -381,11 +422,12 @@ UNILORA_AVX512 void grad_rows(const float* u, const float* A, int64_t r, int64_t
   }
 }
 
-// Same steps as the AVX2 backward_rows.
+// Same steps (and prefetches) as the AVX2 backward_rows.
 template <int MR>
-UNILORA_AVX512 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf, float* ubuf) {
+UNILORA_AVX512 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf, float* ubuf, int ahead) {
   const float* xr = a.x + m * a.ldx;
   const float* gr = a.g + m * a.ldg;
+  Ahead px{xr + MR * a.ldx, a.ldx, ahead}, pg{gr + MR * a.ldg, a.ldg, ahead};
   if (a.dBT != nullptr) {
     const float* hp = hbuf;
     int64_t ldh = a.r;
@@ -393,20 +435,22 @@ UNILORA_AVX512 void backward_rows(const AdapterBackward& a, int64_t m, float* hb
       hp = a.h + m * a.ldh;
       ldh = a.ldh;
     } else {
-      dots_all<MR>(xr, a.ldx, a.A, a.r, a.in_f, hbuf, a.r);
+      z::dots_all<MR>(xr, a.ldx, a.A, a.r, a.in_f, hbuf, a.r, px);
+      px.rows = 0;
     }
-    axpys_all<MR>(gr, a.ldg, hp, ldh, a.r, a.dBT, a.out_f);
+    z::axpys_all<MR>(gr, a.ldg, hp, ldh, a.r, a.dBT, a.out_f, pg);
+    pg.rows = 0;
   }
   if (a.dA == nullptr && a.gx == nullptr) return;
-  dots_all<MR>(gr, a.ldg, a.BT, a.r, a.out_f, ubuf, a.r);
-  if (a.dA != nullptr) axpys_all<MR>(xr, a.ldx, ubuf, a.r, a.r, a.dA, a.in_f);
+  z::dots_all<MR>(gr, a.ldg, a.BT, a.r, a.out_f, ubuf, a.r, pg);
+  if (a.dA != nullptr) z::axpys_all<MR>(xr, a.ldx, ubuf, a.r, a.r, a.dA, a.in_f, px);
   if (a.gx != nullptr) grad_rows<MR>(ubuf, a.A, a.r, a.in_f, a.gx + m * a.ldgx, a.ldgx, a.gx_add);
 }
 
 template <int MR>
 UNILORA_AVX512 void forward_rows(const AdapterForward& a, int64_t m) {
   float* hp = a.h + m * a.r;
-  dots_all<MR>(a.x + m * a.ldx, a.ldx, a.A, a.r, a.in_f, hp, a.r);
+  z::dots_all<MR>(a.x + m * a.ldx, a.ldx, a.A, a.r, a.in_f, hp, a.r);
   grad_rows<MR>(hp, a.BT, a.r, a.out_f, a.out + m * a.ldo, a.ldo, true);
 }
 
@@ -418,20 +462,21 @@ void adapter_backward(const AdapterBackward& a, int64_t m0, int64_t m1) {
   const bool wide = avx512();
   for (int64_t m = m0; m < m1; m += kMR) {
     const int64_t rows = std::min<int64_t>(kMR, m1 - m);
+    const int ahead = static_cast<int>(std::min<int64_t>(kMR, std::max<int64_t>(0, m1 - m - kMR)));  // next block
     if (wide) {
       switch (rows) {
-        case 4: z::backward_rows<4>(a, m, hbuf.data(), ubuf.data()); break;
-        case 3: z::backward_rows<3>(a, m, hbuf.data(), ubuf.data()); break;
-        case 2: z::backward_rows<2>(a, m, hbuf.data(), ubuf.data()); break;
-        default: z::backward_rows<1>(a, m, hbuf.data(), ubuf.data()); break;
+        case 4: z::backward_rows<4>(a, m, hbuf.data(), ubuf.data(), ahead); break;
+        case 3: z::backward_rows<3>(a, m, hbuf.data(), ubuf.data(), ahead); break;
+        case 2: z::backward_rows<2>(a, m, hbuf.data(), ubuf.data(), ahead); break;
+        default: z::backward_rows<1>(a, m, hbuf.data(), ubuf.data(), ahead); break;
       }
       continue;
     }
     switch (rows) {
-      case 4: backward_rows<4>(a, m, hbuf.data(), ubuf.data()); break;
-      case 3: backward_rows<3>(a, m, hbuf.data(), ubuf.data()); break;
-      case 2: backward_rows<2>(a, m, hbuf.data(), ubuf.data()); break;
-      default: backward_rows<1>(a, m, hbuf.data(), ubuf.data()); break;
+      case 4: backward_rows<4>(a, m, hbuf.data(), ubuf.data(), ahead); break;
+      case 3: backward_rows<3>(a, m, hbuf.data(), ubuf.data(), ahead); break;
+      case 2: backward_rows<2>(a, m, hbuf.data(), ubuf.data(), ahead); break;
+      default: backward_rows<1>(a, m, hbuf.data(), ubuf.data(), ahead); break;
     }
   }
 }
