@@ -27,7 +27,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler (memory measureme
 
 import torch  # noqa: E402
 
-from common import device_slug, environment, progress  # noqa: E402
+from common import device_slug, environment, keep_freed_memory, progress  # noqa: E402
 from layer_bench import benchmark_backends, build_candidates, run_config  # noqa: E402
 from model_bench import count_model_candidates, run_model_bench  # noqa: E402
 
@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--min-time", type=float, default=None,
                    help="CPU: seconds of timing per candidate and config (default 1, 0.25 with --quick); "
                         "more gives steadier ratios on a noisy machine")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: keep glibc's default malloc settings (by default the run stops malloc from "
+                        "returning freed memory to the OS between calls; see README, Benchmarks)")
     p.add_argument("--cpu-gflop-budget", type=float, default=None,
                    help="skip CPU configs whose training step needs more GFLOP than this")
     return p.parse_args(argv)
@@ -215,7 +218,8 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, args)
         f"Date: {started:%Y-%m-%d %H:%M} UTC. Device type: **{env['device_type'].upper()}** "
         f"({'all figures below are CPU timings' if env['device_type'] == 'cpu' else 'all figures below are GPU timings'}).",
         f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, unilora_kernels {env['unilora_kernels']}, "
-        f"{env['threads']} CPU threads. Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`.",
+        f"{env['threads']} CPU threads, malloc: {env['malloc']}. "
+        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`.",
         "",
         "Times are medians (torch.utils.benchmark on CPU, triton.testing.do_bench on GPU) after warm-up;",
         "every candidate was checked against the naive projection (PEFT's layer when installed) at the timed size first.",
@@ -265,10 +269,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if use_cuda else torch.float32)
     env = environment(device)
+    env["malloc"] = "system default" if use_cuda or args.system_malloc else keep_freed_memory()
     out_dir = args.out or os.path.join(HERE, "results", device_slug(device))
     os.makedirs(out_dir, exist_ok=True)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | peft {env['peft']} | "
-          f"threads {env['threads']} | dtype {str(dtype).replace('torch.', '')}")
+          f"threads {env['threads']} | dtype {str(dtype).replace('torch.', '')} | malloc: {env['malloc']}")
     print(f"backends timed: {', '.join(benchmark_backends(device))}")
     modes = [m for m in args.modes.split(",") if m]
     configs, skipped = plan(args, device)

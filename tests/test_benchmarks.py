@@ -1,6 +1,7 @@
 """The benchmark harness: it runs, writes its outputs, and never times a wrong result."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,50 @@ def test_quick_run_on_tiny_sizes(tmp_path):
     assert all(int(r["saved_bytes"]) > 0 and int(r["largest_alloc_bytes"]) > 0 for r in training)
     model = list(csv.DictReader(open(tmp_path / "model.csv")))
     assert any(r["candidate"].startswith("unilora") and float(r["tokens_per_s"]) > 0 for r in model)
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["malloc"].startswith("glibc" if _glibc() else "system default"), env["malloc"]
+    assert f"malloc: {env['malloc']}" in (tmp_path / "summary.md").read_text()
+
+
+def _glibc() -> bool:
+    import platform
+
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _glibc(), reason="keep_freed_memory sets glibc's malloc thresholds; this is not glibc")
+def test_keep_freed_memory_keeps_freed_buffers_in_the_heap():
+    # In a fresh interpreter: by default glibc maps a 20 MiB buffer with mmap and unmaps it when
+    # it is freed (the next one faults all its pages in again); after keep_freed_memory it comes
+    # from the heap, and freeing it does not shrink the heap.
+    code = """
+import ctypes, sys, torch
+sys.path.insert(0, sys.argv[1])
+from common import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[2] == "keep":
+    print(keep_freed_memory())
+buf = torch.ones(5 << 20)
+mapped, heap = libc.mallinfo2().hblkhd, libc.mallinfo2().arena
+del buf
+print(mapped, heap, libc.mallinfo2().arena)
+"""
+    out = {}
+    for mode in ("keep", "default"):
+        res = subprocess.run([sys.executable, "-P", "-c", code, str(ROOT / "benchmarks"), mode], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[mode] = [int(v) for v in res.stdout.split()[-3:]]
+        if mode == "keep":
+            assert res.stdout.startswith("glibc, M_TRIM_THRESHOLD"), res.stdout
+    mib = 1 << 20
+    mapped, heap, heap_after_free = out["keep"]
+    assert mapped < 20 * mib <= heap and heap_after_free == heap, out
+    assert out["default"][0] >= 20 * mib, out  # without it: mmap, handed back to the OS on free
 
 
 def test_a_wrong_candidate_is_caught_and_not_timed():
