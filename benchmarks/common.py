@@ -72,14 +72,14 @@ def keep_freed_memory() -> str:
     """CPU runs: stop glibc's malloc from handing freed memory back to the OS between calls.
 
     With glibc's defaults, freeing a call's large buffers can trim the heap, and the next call
-    that needs them faults every page back in (2048 minor faults per 8 MiB buffer). Timing the
-    candidates in alternation made that land on whichever candidate came next: measured at
-    1024x1024, M = 2048, 0 to ~4,000 faults per call for the same candidate from run to run,
-    ~1 ms per 2048 faults (~2 ms of a ~50 ms step); with the thresholds pinned (no trimming; the heap, not mmap,
-    for buffers under 32 MiB), 0-330 per call and the same in every run. jemalloc and tcmalloc
-    keep freed memory the same way (PyTorch's CPU launcher, torch.backends.xeon.run_cpu,
-    preloads one of them by default). The heap then stays at its high-water mark.
-    Returns what was set (recorded in env.json); nothing outside Linux/glibc.
+    that needs them faults every page back in (2048 minor faults per 8 MiB buffer, ~1 ms).
+    Timing the candidates in alternation made that land on whichever candidate came next:
+    measured at 1024x1024, M = 2048, 0 to ~4,000 faults per call for the same candidate from
+    run to run, ~2 ms of a ~50 ms step. With the thresholds pinned (no trimming; the heap, not
+    mmap, for buffers under 32 MiB): 0-330 per call, the same in every run. jemalloc and
+    tcmalloc keep freed memory the same way (PyTorch's CPU launcher,
+    torch.backends.xeon.run_cpu, preloads one of them by default). The heap then stays at its
+    high-water mark. Returns what was set (recorded in env.json); nothing outside Linux/glibc.
     """
     if not sys.platform.startswith("linux"):
         return "system default"

@@ -300,8 +300,10 @@ UNILORA_AVX2 void gemv_impl(const float* w, int64_t ldw, const float* x, int64_t
 // so the rank-r updates run with every k in registers (i outer) and tails are masked loads.
 // Measured at 2048 x 1024, r = 4, 2 threads (AMD EPYC), data in cache: 0.45-0.6 ms against
 // 0.7-1.0 ms for AVX2. (With x and g coming from DRAM, as in the layer benchmark on that VM,
-// both take ~1.1 ms: memory-bound there.)
+// both took ~1.1 ms, bound by memory; with the next rows prefetched (Ahead) 0.85-1.0 ms.)
 namespace z {
+// Calls below name z:: explicitly: an Ahead argument (declared in the enclosing namespace) makes
+// argument-dependent lookup see the AVX2 templates of the same names as well.
 
 // Sum of the 16 lanes (folding halves; GCC 12's _mm512_reduce_add_ps warns under -Wall).
 UNILORA_AVX512 inline float hsum16(__m512 v) {
