@@ -730,34 +730,28 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, cons
                                                        bool need_theta, bool /*deterministic: always*/) {
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), g.scalar_type()});
   const int64_t M = x.size(0);
-  const at::Tensor wt = weight_t ? w.t() : w;  // grad_x = g wt (+ the update's part)
+  const bool fold = need_x && g.scalar_type() == cd && fold_into_weight(M, x, w, cd, dr, pj);
+  const bool adapter_x = need_x && !fold;
+  const bool adapter = M > 0 && (adapter_x || need_theta);
+  at::Tensor A, B;
+  if (fold || adapter) std::tie(A, B) = gather_cpu(theta, pj, cd);  // once for the fold and the adapter
   at::Tensor gx = at::empty({0}, x.options());
   at::Tensor gt = at::empty({0}, theta.options());
-  if (M == 0 || !(need_x || need_theta)) {
-    if (need_x) gx = at::mm(g, wt);
-    if (need_theta) gt = at::zeros_like(theta);
-    return {gx, gt};
+  if (fold && need_theta) {
+    // theta's gradient first, while the x rows the forward GEMM just read are likely still cached
+    gt = std::get<1>(backward_gathered(g, x, theta, pj, dr, h, c10::nullopt, false, true, A, B));
   }
-  const bool fold = need_x && g.scalar_type() == cd && fold_into_weight(M, x, w, cd, dr, pj);
-  const auto [A, B] = gather_cpu(theta, pj, cd);  // once for the fold or the adapter
-  if (fold && !need_theta) {
-    // grad_x alone: one GEMM with the update folded into the weight, g (W + B A)
-    const at::Tensor wf = folded_weight(w, weight_t, A, B);
-    return {at::mm(g, weight_t ? wf.t() : wf), gt};
+  if (need_x) {
+    // grad_x = g W (g W^T for Conv1D), with W' = W + B A when folding
+    const at::Tensor wx = fold ? folded_weight(w, weight_t, A, B) : w;
+    gx = at::mm(g, weight_t ? wx.t() : wx);
   }
-  if (fold) {
-    // Both: the adapter pass, which computes u = g B for dA anyway, writes grad_x = u A, and the
-    // GEMM adds g W on top of it (beta = 1) instead of a second fold of the weight. Measured at
-    // 1024 x 1024, M = 2048, 2 threads: 1.057x -> 1.042x the frozen base's training step (means
-    // of five alternating runs of the layer benchmark's cell).
-    std::tie(gx, gt) = backward_gathered(g, x, theta, pj, dr, h, c10::nullopt, true, true, A, B);
-    gx.addmm_(g, wt);
-    return {gx, gt};
+  if (adapter && !(fold && need_theta)) {
+    gt = std::get<1>(backward_gathered(g, x, theta, pj, dr, h, adapter_x ? c10::optional<at::Tensor>(gx) : c10::nullopt,
+                                       adapter_x, need_theta, A, B));
+  } else if (need_theta && M == 0) {
+    gt = at::zeros_like(theta);
   }
-  // The base's grad_x, then the adapter pass adds u A to it (and computes theta's gradient).
-  if (need_x) gx = at::mm(g, wt);
-  gt = std::get<1>(backward_gathered(g, x, theta, pj, dr, h, need_x ? c10::optional<at::Tensor>(gx) : c10::nullopt,
-                                     need_x, need_theta, A, B));
   return {gx, gt};
 }
 
