@@ -76,7 +76,7 @@ def keep_freed_memory() -> str:
     Timing the candidates in alternation made that land on whichever candidate came next:
     measured at 1024x1024, M = 2048, 0 to ~4,000 faults per call for the same candidate from
     run to run, ~2 ms of a ~50 ms step. With the thresholds pinned (no trimming; the heap, not
-    mmap, for buffers under 32 MiB): 0-330 per call, the same in every run. jemalloc and
+    mmap, for buffers under 32 MiB): 0-335 per call, the same in every run. jemalloc and
     tcmalloc keep freed memory the same way (PyTorch's CPU launcher,
     torch.backends.xeon.run_cpu, preloads one of them by default). The heap then stays at its
     high-water mark. Returns what was set (recorded in env.json); nothing outside Linux/glibc.
