@@ -383,8 +383,9 @@ UNILORA_AVX512 void axpys(const float* rows, int64_t ld, const float* coef, int6
 template <int MR>
 UNILORA_AVX512 void dots_all(const float* rows, int64_t ld, const float* mat, int64_t kn, int64_t n, float* out,
                              int64_t ldo, const Ahead& pf = Ahead()) {
+  const Ahead none;
   for (int64_t k = 0; k < kn; k += 4) {
-    const Ahead& p = k == 0 ? pf : Ahead();  // the next rows once, on the first pass
+    const Ahead& p = k == 0 ? pf : none;  // the next rows once, on the first pass
     switch (std::min<int64_t>(4, kn - k)) {
       case 4: z::dots<MR, 4>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
       case 3: z::dots<MR, 3>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
@@ -397,8 +398,9 @@ UNILORA_AVX512 void dots_all(const float* rows, int64_t ld, const float* mat, in
 template <int MR>
 UNILORA_AVX512 void axpys_all(const float* rows, int64_t ld, const float* coef, int64_t ldc, int64_t kn, float* dst,
                               int64_t n, const Ahead& pf = Ahead()) {
+  const Ahead none;
   for (int64_t k = 0; k < kn; k += 4) {
-    const Ahead& p = k == 0 ? pf : Ahead();
+    const Ahead& p = k == 0 ? pf : none;
     switch (std::min<int64_t>(4, kn - k)) {
       case 4: z::axpys<MR, 4>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
       case 3: z::axpys<MR, 3>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
