@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .backends import BACKENDS
+
 PEFT_TYPE = "UNILORA"
 PROJECTIONS = ("uniform", "hashed")
-BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 BIAS_OPTIONS = ("none", "all", "unilora_only")
 
 # PEFT fields this package reproduces; anything else PEFT may set must be at its default.

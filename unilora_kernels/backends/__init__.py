@@ -23,7 +23,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import BACKENDS
+
+
+# Every name a user may ask for; "auto" picks one per device (``resolve``).
+BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 
 
 class BackendNotAvailableError(ValueError):

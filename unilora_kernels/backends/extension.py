@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import LayerProjection
+from .policy import deterministic
 
 try:  # importing the library registers torch.ops.unilora_C
     from .. import _C
@@ -74,11 +75,6 @@ def h_rows(device_type: str, M: int) -> int:
     """Rows of the h that ``unilora_C::linear`` returns: 0 on CPU, whose backward recomputes h from
     the x rows it reads for dA anyway (keeping it would cost a pass over x in the forward)."""
     return 0 if device_type == "cpu" else M
-
-
-def deterministic() -> bool:
-    """True when the CUDA backward must not use atomics (fixed summation order)."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("UNILORA_DETERMINISTIC", "0") == "1"
 
 
 def prefer_cuda_kernels(M: int, in_f: int, out_f: int, r: int) -> bool:

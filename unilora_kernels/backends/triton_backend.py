@@ -37,6 +37,7 @@ import torch
 
 from .. import philox
 from . import LayerProjection
+from .policy import deterministic
 
 try:
     import triton
@@ -99,11 +100,6 @@ def device_unavailable_reason(name: str, device_type: str) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 # knobs and heuristics
 # --------------------------------------------------------------------------------------------
-def deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get(
-        "UNILORA_DETERMINISTIC", "0").strip().lower() in _TRUE
-
-
 def schedule_for(M: int) -> str:
     """``fused`` or ``split`` for a forward with M rows (``UNILORA_TRITON_SCHEDULE`` forces one)."""
     forced = os.environ.get("UNILORA_TRITON_SCHEDULE", "auto").strip().lower() or "auto"

@@ -1,0 +1,59 @@
+"""The rules every backend reads, each defined once: dtypes, compute dtype, knobs, limits, seeds.
+
+The C++ build takes ``DECODE_MAX_M`` and ``DECODE_MAX_R`` from this file too (``setup.py`` and
+``CMakeLists.txt`` read them and pass them as ``-DUNILORA_DECODE_MAX_*``), and
+``build_info()["extension"]`` reports the values the extension was compiled with.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+# Activations (x, outputs, gradients) any backend accepts; theta_d is fp32 (fp64 for gradcheck).
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+THETA_DTYPES = (torch.float32, torch.float64)
+
+# Decode-sized calls: at most this many rows (and this rank) run one fused kernel per layer
+# (the cuda decode kernel; Triton's one-launch forward schedule).
+DECODE_MAX_M = 16
+DECODE_MAX_R = 64
+
+# Spellings of a boolean environment knob.
+TRUE_SPELLINGS = ("1", "true", "yes", "on")
+FALSE_SPELLINGS = ("0", "false", "no", "off", "")
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the update and of h: fp64 when any operand is fp64, else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment knob; an unrecognised value is a ValueError naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in TRUE_SPELLINGS:
+        return True
+    if value in FALSE_SPELLINGS:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected one of {TRUE_SPELLINGS + FALSE_SPELLINGS[:-1]}")
+
+
+def deterministic() -> bool:
+    """No float atomics in backward (a fixed summation order): ``torch.use_deterministic_algorithms``
+    or ``UNILORA_DETERMINISTIC``."""
+    return torch.are_deterministic_algorithms_enabled() or env_flag("UNILORA_DETERMINISTIC", False)
+
+
+def seed_value(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[int]:
+    """The host integer of a one-element int64 dropout seed tensor; None when nothing is dropped."""
+    if dropout_p <= 0.0:
+        return None
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a seed tensor (unilora_kernels.philox.new_seed())")
+    return int(seed.reshape(-1)[0].item())
