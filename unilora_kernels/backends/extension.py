@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import LayerProjection
-from .policy import deterministic
+from .policy import DECODE_MAX_M, DECODE_MAX_R, deterministic
 
 try:  # importing the library registers torch.ops.unilora_C
     from .. import _C
@@ -37,9 +37,6 @@ except ImportError as exc:  # not built: the backends report why instead of fail
 else:
     _IMPORT_ERROR = None
 
-# Largest M (rows) and r for which `cuda` runs its fused decode kernel (csrc/unilora.h).
-DECODE_MAX_M = 16
-DECODE_MAX_R = 64
 
 
 def build_metadata() -> dict:
