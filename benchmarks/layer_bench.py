@@ -8,16 +8,15 @@ timed; a candidate whose output or gradients disagree is recorded as wrong and n
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
 import unilora_kernels as uk
-from unilora_kernels import backends
 from unilora_kernels import projection as P
 
+from candidates import Candidate, benchmark_backends, is_selected, unilora_name
 from common import (largest_allocation_bytes, paired_ratio, peak_memory_bytes, saved_for_backward_bytes, time_fn,
                     time_interleaved)
 from naive import NaiveUniLoRALinear
@@ -25,31 +24,10 @@ from naive import NaiveUniLoRALinear
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
-@dataclass
-class Candidate:
-    name: str  # e.g. "unilora[triton]", "peft-unilora", "naive", "peft-lora", "base"
-    module: nn.Module
-    kind: str  # "unilora" (same function as naive), "lora", "base"
-    backend: str = ""
-    index_bytes_per_elem: Optional[float] = None
-    extra: dict = field(default_factory=dict)
-
-
-def benchmark_backends(device: torch.device) -> list:
-    """Backends worth timing on this device (never the Triton interpreter)."""
-    names = []
-    for name in ("reference", "cpu", "triton", "cuda"):
-        if name == "triton" and device.type != "cuda":
-            continue
-        try:
-            backends.get_backend(name, device.type)
-        except backends.BackendNotAvailableError:
-            continue
-        names.append(name)
-    return names
-
-
-def build_candidates(in_f, out_f, r, d, dtype, device, seed=0, with_peft=True) -> list:
+def build_candidates(in_f, out_f, r, d, dtype, device, seed=0, with_peft=True,
+                     selected: Optional[set] = None) -> list:
+    """The layer candidates ``selected`` names (None: all), and the naive projection, which is
+    every other candidate's correctness reference, timed only when selected."""
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(in_f, out_f)
     with torch.no_grad():
@@ -65,9 +43,10 @@ def build_candidates(in_f, out_f, r, d, dtype, device, seed=0, with_peft=True) -
     # A large theta makes the update visible next to the base output, so the check means something.
     theta = (torch.rand(d, generator=g) * 2 - 1).to(device)
 
-    out = [Candidate("base", copy.deepcopy(base), "base")]
+    out = [Candidate("base", copy.deepcopy(base), "base")] if is_selected("base", selected) else []
     naive = NaiveUniLoRALinear(copy.deepcopy(base), nn.Parameter(theta.clone()), idx_a, idx_b, scales)
-    out.append(Candidate("naive", naive, "unilora", index_bytes_per_elem=12.0))
+    out.append(Candidate("naive", naive, "unilora", index_bytes_per_elem=12.0, timed=is_selected("naive", selected)))
+    with_peft = with_peft and (is_selected("peft-unilora", selected) or is_selected("peft-lora", selected))
     if with_peft:
         try:
             from peft import LoraConfig, UniLoraConfig, get_peft_model
@@ -78,24 +57,28 @@ def build_candidates(in_f, out_f, r, d, dtype, device, seed=0, with_peft=True) -
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pm = get_peft_model(nn.Sequential(copy.deepcopy(base)),
-                                UniLoraConfig(r=r, theta_d_length=d, proj_seed=seed, target_modules=["0"]))
-            layer = pm.base_model.model[0]
-            with torch.no_grad():
-                pm.base_model.unilora_theta_d["default"].copy_(theta)
-            per_elem = sum(b.numel() * b.element_size() for n, b in layer.named_buffers()
-                           if "indices" in n or "scales" in n) / D
-            out.append(Candidate("peft-unilora", layer, "unilora", index_bytes_per_elem=per_elem,
-                                 extra={"owner": pm}))
-            lm = get_peft_model(nn.Sequential(copy.deepcopy(base)),
-                                LoraConfig(r=r, lora_alpha=r, target_modules=["0"], lora_dropout=0.0))
-            out.append(Candidate("peft-lora", lm.base_model.model[0], "lora", extra={"owner": lm}))
+            if is_selected("peft-unilora", selected):
+                pm = get_peft_model(nn.Sequential(copy.deepcopy(base)),
+                                    UniLoraConfig(r=r, theta_d_length=d, proj_seed=seed, target_modules=["0"]))
+                layer = pm.base_model.model[0]
+                with torch.no_grad():
+                    pm.base_model.unilora_theta_d["default"].copy_(theta)
+                per_elem = sum(b.numel() * b.element_size() for n, b in layer.named_buffers()
+                               if "indices" in n or "scales" in n) / D
+                out.append(Candidate("peft-unilora", layer, "unilora", index_bytes_per_elem=per_elem,
+                                     extra={"owner": pm}))
+            if is_selected("peft-lora", selected):
+                lm = get_peft_model(nn.Sequential(copy.deepcopy(base)),
+                                    LoraConfig(r=r, lora_alpha=r, target_modules=["0"], lora_dropout=0.0))
+                out.append(Candidate("peft-lora", lm.base_model.model[0], "lora", extra={"owner": lm}))
     for name in benchmark_backends(device):
+        if not is_selected(unilora_name(name), selected):
+            continue
         layer = uk.UniLoRALinear(copy.deepcopy(base), r=r, theta_d_length=d, proj_seed=seed, backend=name)
         with torch.no_grad():
             layer.theta_d.copy_(theta)
         per_elem = (layer.unilora_indices_A.numel() + layer.unilora_indices_B.numel()) * 4 / D
-        out.append(Candidate(f"unilora[{name}]", layer, "unilora", backend=name, index_bytes_per_elem=per_elem))
+        out.append(Candidate(unilora_name(name), layer, "unilora", backend=name, index_bytes_per_elem=per_elem))
     return out
 
 
@@ -151,11 +134,12 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
     g = torch.randn(M, out_f, generator=gen).to(device=device, dtype=dtype)
     naive = next(c for c in cands if c.name == "naive")
     ref = reference_results(naive, x, g)
+    timed = [c for c in cands if c.timed]
     rows = []
     for mode in modes:
         timings = {}
         checked = []
-        for c in cands:
+        for c in timed:
             row = dict(mode=mode, in_features=in_f, out_features=out_f, r=r, d=d, M=M, candidate=c.name,
                        backend=c.backend, kind=c.kind, index_bytes_per_elem=c.index_bytes_per_elem)
             if c.kind == "unilora":
@@ -166,7 +150,7 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
             checked.append((c, row))
         fns = {c.name: make_fns(c, x, g)[0 if mode == "inference" else 1] for c, row in checked if row["correct"]}
         # CPU: all candidates in alternation (time_interleaved); GPU: one after the other (do_bench)
-        cpu_times = time_interleaved(fns, quick, min_time) if device.type != "cuda" else {}
+        cpu_times = time_interleaved(fns, quick, min_time) if fns and device.type != "cuda" else {}
         for c, row in checked:
             if row["correct"]:
                 fn = fns[c.name]
@@ -177,10 +161,10 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
                     row["saved_bytes"] = saved_for_backward_bytes(lambda: c.module(x.detach().requires_grad_(True)))
                     row["largest_alloc_bytes"] = largest_allocation_bytes(fn, device)
                     row["peak_mem_bytes"] = peak_memory_bytes(fn, device)
-            rows.append(row)
             bar.update(1)
         naive_ref = "peft-unilora" if "peft-unilora" in timings else "naive"
-        for row in rows[-len(cands):]:
+        rows += [row for _, row in checked]
+        for _, row in checked:
             if "median_ms" in row:
                 t = timings[row["candidate"]]
                 row["naive_ref"] = naive_ref

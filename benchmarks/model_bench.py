@@ -13,8 +13,9 @@ import torch
 
 import unilora_kernels as uk
 
+from candidates import Candidate, benchmark_backends, is_selected, unilora_name
 from common import largest_allocation_bytes, peak_memory_bytes, saved_for_backward_bytes, time_fn
-from layer_bench import TOL, benchmark_backends
+from layer_bench import TOL
 
 
 def model_sizes(device: torch.device, quick: bool, tiny: bool) -> dict:
@@ -39,46 +40,58 @@ def _llama(s: dict, dtype, device):
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
 
-def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None) -> list:
+def build_model_candidates(base, s: dict, device, selected=None) -> list:
+    """The model candidates ``selected`` names (None: all); PEFT's Uni-LoRA model comes first
+    whenever peft is installed, as the correctness reference, timed only when selected."""
     try:
         from peft import LoraConfig, UniLoraConfig, get_peft_model
     except ImportError:
-        LoraConfig = UniLoraConfig = get_peft_model = None
-    s = model_sizes(device, quick, tiny)
-    base = _llama(s, dtype, device)
-    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(1)).to(device)
-    tokens = s["batch"] * s["seq"]
-    cands = []  # (name, backend, model, trainable params)
+        get_peft_model = None
+    cands = []
+    theta = None
     if get_peft_model is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pcfg = UniLoraConfig(r=s["r"], theta_d_length=s["d"], target_modules="all-linear")
             pm = get_peft_model(copy.deepcopy(base), pcfg)
-            lm = get_peft_model(copy.deepcopy(base), LoraConfig(r=s["r"], lora_alpha=s["r"],
-                                                                 target_modules="all-linear"))
-        theta = pm.base_model.unilora_theta_d["default"]
-        cands.append(("peft-unilora", "", pm, [theta]))
-        cands.append(("peft-lora", "", lm, [p for p in lm.parameters() if p.requires_grad]))
-    else:
-        theta = None
-    for name in benchmark_backends(device):
-        cfg = uk.UniLoRAConfig(r=s["r"], theta_d_length=s["d"], target_modules="all-linear", backend=name)
+            theta = pm.base_model.unilora_theta_d["default"]
+            cands.append(Candidate("peft-unilora", pm, "unilora", params=[theta],
+                                   timed=is_selected("peft-unilora", selected)))
+            if is_selected("peft-lora", selected):
+                lm = get_peft_model(copy.deepcopy(base), LoraConfig(r=s["r"], lora_alpha=s["r"],
+                                                                     target_modules="all-linear"))
+                cands.append(Candidate("peft-lora", lm, "lora", params=[p for p in lm.parameters() if p.requires_grad]))
+    for backend in benchmark_backends(device):
+        if not is_selected(unilora_name(backend), selected):
+            continue
+        cfg = uk.UniLoRAConfig(r=s["r"], theta_d_length=s["d"], target_modules="all-linear", backend=backend)
         model = uk.inject(copy.deepcopy(base), cfg)
         if theta is not None:
             with torch.no_grad():
                 model.unilora_theta_d.copy_(theta)
-        cands.append((f"unilora[{name}]", name, model, [model.unilora_theta_d]))
+        cands.append(Candidate(unilora_name(backend), model, "unilora", backend=backend,
+                               params=[model.unilora_theta_d]))
+    return cands
+
+
+def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=None) -> list:
+    s = model_sizes(device, quick, tiny)
+    base = _llama(s, dtype, device)
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(1)).to(device)
+    tokens = s["batch"] * s["seq"]
+    cands = build_model_candidates(base, s, device, selected)
 
     def loss_of(model):
         return model(input_ids=ids, labels=ids).loss
 
     reference = None
-    if cands and cands[0][0] == "peft-unilora":
-        loss = loss_of(cands[0][2])
-        reference = (loss.item(), torch.autograd.grad(loss, cands[0][3])[0])
+    if cands and cands[0].name == "peft-unilora":
+        loss = loss_of(cands[0].module)
+        reference = (loss.item(), torch.autograd.grad(loss, cands[0].params)[0])
     rows = []
-    for name, backend, model, params in cands:
-        row = dict(candidate=name, backend=backend, tokens=tokens, hidden=s["hidden"], layers=s["layers"],
+    for c in [c for c in cands if c.timed]:
+        name, model, params = c.name, c.module, c.params
+        row = dict(candidate=name, backend=c.backend, tokens=tokens, hidden=s["hidden"], layers=s["layers"],
                    r=s["r"], d=s["d"], trainable=sum(p.numel() for p in params))
         ok, detail = True, "reference point"
         if name.startswith("unilora") and reference is not None:
@@ -114,13 +127,3 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None) -> list:
         if ref is not None and "median_ms" in row:
             row["speedup_vs_peft_unilora"] = ref["median_ms"] / row["median_ms"]
     return rows
-
-
-def count_model_candidates(device) -> int:
-    try:
-        import peft  # noqa: F401
-
-        n = 2
-    except ImportError:
-        n = 0
-    return n + len(benchmark_backends(device))

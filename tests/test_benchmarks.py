@@ -1,6 +1,7 @@
 """The benchmark harness: it runs, writes its outputs, and never times a wrong result."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ def test_quick_run_on_tiny_sizes(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "layer.csv")))
     assert EXPECTED_LAYER_COLUMNS <= set(rows[0])
     cands = {r["candidate"] for r in rows}
-    from layer_bench import benchmark_backends
+    from candidates import benchmark_backends
 
     expected = {"base", "naive"} | {f"unilora[{b}]" for b in benchmark_backends(torch.device("cpu"))}
     assert expected <= cands
@@ -107,3 +108,73 @@ def test_a_wrong_candidate_is_caught_and_not_timed():
     assert not any("median_ms" in r for r in bad)
     good = [r for r in rows if r["candidate"] == "naive"]
     assert all(r["correct"] and r["median_ms"] > 0 for r in good)
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--tiny", "--quick", "--cpu", "--system-malloc", "--no-memory", "--min-time", "0.01"]
+
+
+def test_unknown_or_unavailable_candidate_is_refused_naming_the_valid_ones(capsys):
+    run = _run_module()
+    assert run.main(["--candidates", "naive", "unilora[fast]", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "unilora[fast]" in err and all(name in err for name in run.ALL_NAMES), err
+    assert run.main(["--candidates", "unilora[cuda]", *TINY]) == 2  # never on CPU tensors
+    err = capsys.readouterr().err
+    assert "cannot run on this machine" in err and "unilora[reference]" in err, err
+
+
+def test_candidates_filter_times_only_those_and_still_checks_them(tmp_path):
+    run = _run_module()
+    backend = run.layer_candidate_names(torch.device("cpu"))[-1]  # a Uni-LoRA backend, e.g. unilora[cpu]
+    assert run.main(["--candidates", "base", backend, "--out", str(tmp_path), *TINY]) == 0
+    layer = list(csv.DictReader(open(tmp_path / "layer.csv")))
+    assert {r["candidate"] for r in layer} == {"base", backend}
+    # the naive projection was not timed, but every Uni-LoRA result was checked against it
+    assert all("rel err" in r["check"] and r["correct"] == "True" for r in layer if r["candidate"] == backend)
+    assert all(r["ratio_to_base"] and not r["ratio_to_naive"] for r in layer)
+    model = list(csv.DictReader(open(tmp_path / "model.csv")))
+    assert [r["candidate"] for r in model] == [backend]
+    from candidates import peft_installed
+
+    if peft_installed():
+        assert "vs peft-unilora" in model[0]["check"], model[0]
+
+
+def test_without_matplotlib_the_run_writes_csv_and_summary_and_says_how_to_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    run = _run_module()
+    assert run.main(["--candidates", "base", "naive", "--no-model", "--out", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "pip install matplotlib" in out and "bench" in out, out
+    assert (tmp_path / "layer.csv").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| naive |" in summary and "pip install matplotlib" in summary
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_partial_run_never_replaces_a_full_runs_results(tmp_path, monkeypatch, capsys):
+    run = _run_module()
+    monkeypatch.setattr(run, "HERE", str(tmp_path))  # results/<device>/ under tmp_path
+    full = tmp_path / "results" / run.device_slug(torch.device("cpu"))
+    full.mkdir(parents=True)
+    (full / "env.json").write_text(json.dumps({"argv": ["--threads", "2"]}))  # a full run, as committed
+    (full / "layer.csv").write_text("full results\n")
+    # the default place of a partial run (e.g. `bash scripts/run.sh --quick`): a subdirectory
+    assert run.main(["--candidates", "base", "--no-model", *TINY]) == 0
+    assert (full / "layer.csv").read_text() == "full results\n"
+    assert (full / "partial" / "layer.csv").stat().st_size > 0
+    assert json.loads((full / "partial" / "env.json").read_text())["partial"] is True
+    assert f"results go to {full / 'partial'}" in capsys.readouterr().out
+    # a partial run told to write over a full run's results refuses, and writes nothing
+    assert run.main(["--candidates", "base", "--no-model", "--out", str(full), *TINY]) == 2
+    assert "holds the results of a full run" in capsys.readouterr().err
+    assert (full / "layer.csv").read_text() == "full results\n"
+    # a full run keeps the default directory
+    assert run.output_dir(run.parse_args(["--cpu", "--threads", "2"]), torch.device("cpu")) == str(full)
