@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Benchmarks of unilora_kernels against the naive PyTorch projection (PEFT's Uni-LoRA layer).
 
-    python benchmarks/run.py            # the full run on whatever this machine has (GPU if present)
-    python benchmarks/run.py --quick    # about a minute
-    python benchmarks/run.py --out DIR  # results go to DIR (default benchmarks/results/<device>/)
+    python benchmarks/run.py                          # the full run on this machine (GPU if present)
+    python benchmarks/run.py --quick                  # a few minutes: one shape, three batch sizes
+    python benchmarks/run.py --candidates base naive unilora[cpu]   # time only these
+    python benchmarks/run.py --out DIR                # results go to DIR
 
-Writes layer.csv, model.csv, env.json, summary.md and PNG plots, and prints a table. Every
-candidate's output (and gradients) are checked against the naive projection before it is
+Writes layer.csv, model.csv, env.json, summary.md and PNG plots (with matplotlib), and prints a
+table. A full run writes to benchmarks/results/<device>/; a partial one (--quick, --candidates,
+--shapes, ...) to benchmarks/results/<device>/partial/, so it never replaces a full run's files.
+Every candidate's output (and gradients) are checked against the naive projection before it is
 timed; the run exits non-zero if any Uni-LoRA candidate disagrees.
 """
 
@@ -27,9 +30,10 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler (memory measureme
 
 import torch  # noqa: E402
 
+from candidates import ALL_NAMES, is_selected, layer_candidate_names, model_candidate_names, select  # noqa: E402
 from common import device_slug, environment, keep_freed_memory, progress  # noqa: E402
-from layer_bench import benchmark_backends, build_candidates, run_config  # noqa: E402
-from model_bench import count_model_candidates, run_model_bench  # noqa: E402
+from layer_bench import build_candidates, run_config  # noqa: E402
+from model_bench import run_model_bench  # noqa: E402
 
 FULL_SHAPES = [(1024, 1024), (4096, 4096), (4096, 11008)]  # RoBERTa-large q/v; Llama-2-7B attn, MLP
 FULL_DS = [23_040, 524_288]  # the paper's d
@@ -44,12 +48,18 @@ MODEL_COLUMNS = [
     "trainable", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "speedup_vs_peft_unilora", "saved_bytes",
     "largest_alloc_bytes", "peak_mem_bytes",
 ]
+# Options that make a run cover less than the full plan; such a run is "partial".
+PARTIAL_OPTIONS = ("quick", "tiny", "candidates", "shapes", "ds", "ms", "modes", "no_model")
+PLOTS_HINT = "no plots: matplotlib is not installed (pip install matplotlib, or the bench extra: pip install '.[bench]')"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short run: one shape, three batch sizes")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>)")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/, "
+                                               "and its partial/ subdirectory for a partial run)")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
+                   help=f"time only these candidates (of {', '.join(ALL_NAMES)})")
     p.add_argument("--cpu", action="store_true", help="benchmark on CPU even when a GPU is present")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -58,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--ds", default=None, help="override theta_d lengths, e.g. 23040,524288")
     p.add_argument("--ms", default=None, help="override batch sizes M, e.g. 1,16,256")
     p.add_argument("--r", type=int, default=4)
-    p.add_argument("--modes", default="inference,training")
+    p.add_argument("--modes", default=None, help="inference,training (the default: both)")
     p.add_argument("--no-model", action="store_true", help="skip the model benchmark")
     p.add_argument("--no-memory", action="store_true", help="skip the per-layer memory measurements")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
@@ -73,6 +83,32 @@ def parse_args(argv=None):
     p.add_argument("--cpu-gflop-budget", type=float, default=None,
                    help="skip CPU configs whose training step needs more GFLOP than this")
     return p.parse_args(argv)
+
+
+def partial_options(args) -> list:
+    """The options that narrow this run (empty for a full run)."""
+    return ["--" + name.replace("_", "-") for name in PARTIAL_OPTIONS if getattr(args, name)]
+
+
+def output_dir(args, device) -> str:
+    """Where the results go. A partial run defaults to the partial/ subdirectory, and refuses an
+    --out that holds a full run's results: it never replaces them."""
+    full_dir = os.path.join(HERE, "results", device_slug(device))
+    if not partial_options(args):
+        return args.out or full_dir
+    out = args.out or os.path.join(full_dir, "partial")
+    env_file = os.path.join(out, "env.json")
+    if os.path.exists(env_file):
+        with open(env_file, encoding="utf-8") as fh:
+            previous = json.load(fh)
+        try:
+            previous_partial = previous.get("partial", bool(partial_options(parse_args(previous.get("argv", [])))))
+        except SystemExit:  # recorded by a version with other options: leave it alone
+            previous_partial = False
+        if not previous_partial:
+            raise ValueError(f"{out} holds the results of a full run; a partial run "
+                             f"({' '.join(partial_options(args))}) does not replace them: pick another --out")
+    return out
 
 
 def _ints(text):
@@ -108,6 +144,10 @@ def plan(args, device):
 
 def fmt_ms(v):
     return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def print_table(rows, out=sys.stdout):
@@ -152,6 +192,8 @@ def plot(rows, model_rows, out_dir, title) -> list:
     for r in rows:
         groups.setdefault((r["in_features"], r["out_features"], r["d"]), []).append(r)
     for (in_f, out_f, d), rs in groups.items():
+        if not any(r.get("ratio_to_naive") for r in rs):
+            continue  # the naive projection was not timed (--candidates): nothing to plot
         modes = list(dict.fromkeys(r["mode"] for r in rs))
         fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.2), squeeze=False)
         for ax, mode in zip(axes[0], modes):
@@ -206,12 +248,12 @@ def headline(rows) -> list:
         if r["kind"] == "unilora" and r["candidate"].startswith("unilora") and r.get("ratio_to_naive"):
             lines.append(
                 f"| {r['candidate']} | {r['mode']} | {r['in_features']}x{r['out_features']} | {r['d']:,} | {r['M']} | "
-                f"{fmt_ms(r['median_ms'])} | {1 / r['ratio_to_naive']:.2f}x | {r['ratio_to_base']:.2f}x |"
+                f"{fmt_ms(r['median_ms'])} | {1 / r['ratio_to_naive']:.2f}x | {fmt_ratio(r['ratio_to_base'])} |"
             )
     return lines
 
 
-def write_summary(out_dir, env, rows, model_rows, skipped, files, started, args):
+def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv):
     lines = [
         f"# Benchmark results: {env['device']}",
         "",
@@ -219,7 +261,7 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, args)
         f"({'all figures below are CPU timings' if env['device_type'] == 'cpu' else 'all figures below are GPU timings'}).",
         f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, unilora_kernels {env['unilora_kernels']}, "
         f"{env['threads']} CPU threads, malloc: {env['malloc']}. "
-        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`.",
+        f"Command: `python benchmarks/run.py {' '.join(argv)}`.",
         "",
         "Times are medians (torch.utils.benchmark on CPU, triton.testing.do_bench on GPU) after warm-up;",
         "every candidate was checked against the naive projection (PEFT's layer when installed) at the timed size first.",
@@ -255,43 +297,64 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, args)
         lines.append("")
     if skipped:
         lines += ["## Skipped", "", *[f"- {s}" for s in skipped], ""]
-    lines += ["## Plots", "", *[f"![{f}]({f})" for f in files], ""]
+    lines += ["## Plots", "", *([f"![{f}]({f})" for f in files] if files else [PLOTS_HINT.capitalize() + "."]), ""]
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines))
 
 
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    run_argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(run_argv)
     started = datetime.datetime.now(datetime.timezone.utc)
     use_cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        selected = select(args.candidates, device)
+        out_dir = output_dir(args, device)
+    except ValueError as e:
+        print(f"benchmarks/run.py: error: {e}", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if use_cuda else torch.float32)
     env = environment(device)
     env["malloc"] = "system default" if use_cuda or args.system_malloc else keep_freed_memory()
-    out_dir = args.out or os.path.join(HERE, "results", device_slug(device))
     os.makedirs(out_dir, exist_ok=True)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | peft {env['peft']} | "
           f"threads {env['threads']} | dtype {str(dtype).replace('torch.', '')} | malloc: {env['malloc']}")
-    print(f"backends timed: {', '.join(benchmark_backends(device))}")
-    modes = [m for m in args.modes.split(",") if m]
+    layer_names = [n for n in layer_candidate_names(device) if is_selected(n, selected)]
+    model_names = [] if args.no_model else [n for n in model_candidate_names(device) if is_selected(n, selected)]
+    print(f"candidates timed: {', '.join(layer_names)}")
+    if selected is not None:
+        unmeasured = [what for what, there in (("x base", "base" in selected),
+                                               ("x naive", selected & {"naive", "peft-unilora"})) if not there]
+        if unmeasured:
+            print(f"note: no {' or '.join(unmeasured)} ratios: the candidate they divide by is not timed")
+    partial = partial_options(args)
+    print(f"results go to {out_dir}" + (f" (a partial run: {' '.join(partial)})" if partial else ""))
+    plots = matplotlib_available()
+    if not plots:
+        print(f"note: {PLOTS_HINT}; the CSVs and summary.md are written all the same")
+    modes = [m for m in (args.modes or "inference,training").split(",") if m]
     configs, skipped = plan(args, device)
     for s in skipped:
         print(f"skipped: {s}")
-    try:
-        import peft  # noqa: F401
-
-        n_cands = 4 + len(benchmark_backends(device))
-    except ImportError:
-        n_cands = 2 + len(benchmark_backends(device))
-    total = len(configs) * len(modes) * n_cands + (0 if args.no_model else count_model_candidates(device))
+    n_cands = len(layer_names)
+    total = len(configs) * len(modes) * n_cands + len(model_names)
     bar = progress(total, "benchmarks")
     rows = []
     t0 = time.perf_counter()
     for key in dict.fromkeys((c[0], c[1], c[2]) for c in configs):
         in_f, out_f, d = key
-        cands = build_candidates(in_f, out_f, args.r, d, dtype, device)
+        cands = build_candidates(in_f, out_f, args.r, d, dtype, device, selected=selected)
         for (_, _, _, M) in [c for c in configs if c[:3] == key]:
             if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
                 skipped.append(f"{in_f}x{out_f} d={d} M={M}: over the --time-budget of {args.time_budget:.0f}s")
@@ -305,17 +368,18 @@ def main(argv=None) -> int:
         gc.collect()
         if use_cuda:
             torch.cuda.empty_cache()
-    model_rows = [] if args.no_model else run_model_bench(device, dtype, args.quick, args.tiny, bar)
+    model_rows = run_model_bench(device, dtype, args.quick, args.tiny, bar, selected) if model_names else []
     bar.close()
     for r in rows + model_rows:
         r.update(device=env["device"], dtype=str(dtype).replace("torch.", ""))
     write_csv(os.path.join(out_dir, "layer.csv"), rows, LAYER_COLUMNS)
     write_csv(os.path.join(out_dir, "model.csv"), model_rows, MODEL_COLUMNS)
     with open(os.path.join(out_dir, "env.json"), "w", encoding="utf-8") as fh:
-        json.dump({**env, "date": started.isoformat(), "argv": sys.argv[1:], "skipped": skipped}, fh, indent=1)
+        json.dump({**env, "date": started.isoformat(), "argv": run_argv, "partial": bool(partial),
+                   "skipped": skipped}, fh, indent=1)
     title = f"{env['device']} | torch {env['torch']} | {started:%Y-%m-%d}"
-    files = plot(rows, model_rows, out_dir, title)
-    write_summary(out_dir, env, rows, model_rows, skipped, files, started, args)
+    files = plot(rows, model_rows, out_dir, title) if plots else []
+    write_summary(out_dir, env, rows, model_rows, skipped, files, started, run_argv)
     print_table(rows)
     for r in model_rows:
         tps = f"{r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else "WRONG: not timed"
@@ -323,6 +387,8 @@ def main(argv=None) -> int:
     wrong = [r for r in rows + model_rows if not r["correct"]]
     print(f"\n{len(rows)} layer rows, {len(model_rows)} model rows in {time.perf_counter() - t0:.0f}s; "
           f"results in {out_dir}")
+    if not plots:
+        print(PLOTS_HINT)
     if wrong:
         for r in wrong:
             print(f"WRONG RESULT: {r['candidate']} {r.get('mode', 'model')} M={r.get('M', '')}: {r['check']}")
