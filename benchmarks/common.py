@@ -72,14 +72,11 @@ def keep_freed_memory() -> str:
     """CPU runs: stop glibc's malloc from handing freed memory back to the OS between calls.
 
     With glibc's defaults, freeing a call's large buffers can trim the heap, and the next call
-    that needs them faults every page back in (2048 minor faults per 8 MiB buffer, ~1 ms).
-    Timing the candidates in alternation made that land on whichever candidate came next:
-    measured at 1024x1024, M = 2048, 0 to ~4,000 faults per call for the same candidate from
-    run to run, ~2 ms of a ~50 ms step. With the thresholds pinned (no trimming; the heap, not
-    mmap, for buffers under 32 MiB): 0-335 per call, the same in every run. jemalloc and
-    tcmalloc keep freed memory the same way (PyTorch's CPU launcher,
-    torch.backends.xeon.run_cpu, preloads one of them by default). The heap then stays at its
-    high-water mark. Returns what was set (recorded in env.json); nothing outside Linux/glibc.
+    that needs them faults every page back in; timed in alternation, that lands on whichever
+    candidate comes next, at random. Pinned thresholds (no trimming; the heap, not mmap, for
+    buffers under 32 MiB) keep freed memory as jemalloc and tcmalloc do; the heap then stays at
+    its high-water mark (measurements: docs/PERF.md). Returns what was set (recorded in
+    env.json); nothing outside Linux/glibc.
     """
     if not sys.platform.startswith("linux"):
         return "system default"
@@ -133,8 +130,8 @@ def time_interleaved(fns: dict, quick: bool, min_time: Optional[float] = None) -
     """CPU timings of several candidates measured in alternation: {name: Timing}.
 
     Each round runs every candidate for the same number of calls (at least ~10 ms per candidate),
-    so all of them sample the same machine state; on a shared VM the speed drifts by 10-25%
-    over seconds, which timing one candidate after the other turns into fake ratios. Median
+    so all of them sample the same machine state; on a shared VM the speed drifts within
+    seconds, which timing one candidate after the other turns into fake ratios. Median
     and 20/80 percentiles are over rounds, per call; ``paired_ratio`` compares two candidates
     round by round.
     """
