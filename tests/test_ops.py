@@ -247,7 +247,7 @@ def test_opcheck_every_op(backend, kind, p):
         torch.library.opcheck(
             torch.ops.unilora.backward.default,
             (g, x.detach(), w, False, theta.detach(), proj.scales, proj.idx_a, proj.idx_b, r, hashed, p, seed,
-             h.detach(), need_x, need_t, backend),
+             backend, h.detach(), need_x, need_t),
         )
 
 

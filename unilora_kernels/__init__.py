@@ -10,8 +10,8 @@ from .backends import BackendNotAvailableError
 from .build_info import build_info
 from .config import UniLoRAConfig
 from .layer import UniLoRALinear
-from .model import export_lora, find_targets, inject, iter_layers, merge, unmerge
-from .peft_io import from_peft, load_adapter, save_adapter
+from .model import find_targets, inject, iter_layers, merge, unmerge
+from .peft_io import export_lora, from_peft, load_adapter, save_adapter
 
 __all__ = [
     "BackendNotAvailableError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from typing import Any, Optional, Union
 from .backends import BACKENDS
 
 PEFT_TYPE = "UNILORA"
+CONFIG_FILE = "adapter_config.json"  # PEFT's name, for the uniform projection
+HASHED_CONFIG_FILE = "unilora_config.json"  # hashed adapters: a name PEFT does not read
 PROJECTIONS = ("uniform", "hashed")
 BIAS_OPTIONS = ("none", "all", "unilora_only")
 
@@ -155,8 +158,6 @@ class UniLoRAConfig:
     def from_peft_config(cls, peft_config, **overrides) -> "UniLoRAConfig":
         """Build from a ``peft.UniLoraConfig``, a dict read from adapter_config.json, or a path to one."""
         if isinstance(peft_config, (str, os.PathLike)):
-            from .peft_io import read_adapter_config
-
             peft_config = read_adapter_config(peft_config)
         if dataclasses.is_dataclass(peft_config) and not isinstance(peft_config, type):
             data = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)}
@@ -177,3 +178,27 @@ class UniLoRAConfig:
         kwargs = {k: data[k] for k in _PEFT_FIELDS + ("projection", "backend") if k in data}
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def read_adapter_config(path) -> dict:
+    """The adapter's config dict, from a directory (or the JSON file itself)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in (CONFIG_FILE, HASHED_CONFIG_FILE):
+            if os.path.isfile(os.path.join(path, name)):
+                cfg_path = os.path.join(path, name)
+                break
+        else:
+            raise ValueError(f"{path!r} holds no {CONFIG_FILE} (nor {HASHED_CONFIG_FILE}): not an adapter directory")
+    elif os.path.isfile(path):
+        cfg_path = path
+    else:
+        raise ValueError(f"adapter path {path!r} does not exist")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path!r} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_path!r} must hold a JSON object, got {type(data).__name__}")
+    return data

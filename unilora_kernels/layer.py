@@ -33,13 +33,14 @@ def base_features(base: nn.Module) -> tuple[int, int]:
     )
 
 
-def _fused_kind(base: nn.Module) -> Optional[bool]:
-    """weight_t flag when the base is exactly nn.Linear (False) or Conv1D (True), else None."""
-    if type(base) is nn.Linear:
-        return False
-    if Conv1D is not None and type(base) is Conv1D:
-        return True
-    return None
+def _fusable(base: nn.Module) -> bool:
+    """Whether the base is exactly nn.Linear or Conv1D, so its GEMM can run inside the fused op."""
+    return type(base) is nn.Linear or (Conv1D is not None and type(base) is Conv1D)
+
+
+def _conv1d_layout(base: nn.Module) -> bool:
+    """Whether the base stores its weight as (in, out), as transformers' Conv1D does."""
+    return Conv1D is not None and isinstance(base, Conv1D)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -103,7 +104,8 @@ class UniLoRALinear(nn.Module):
         self.backend = config.backend
         self.merged = False
         self.adapter_enabled = True
-        self._weight_t = _fused_kind(base_layer)
+        self._fusable_base = _fusable(base_layer)
+        self._weight_t = _conv1d_layout(base_layer)  # weight stored (in, out)
         self._hashed = bank.hashed_args(offset)
         device = _param_device(base_layer)
         if bank.projection == "uniform":
@@ -201,39 +203,30 @@ class UniLoRALinear(nn.Module):
             scales = scales.to(x.device)
         p = self.unilora_dropout if self.training else 0.0
         seed = philox.new_seed() if p > 0 else None
-        backend = backends.resolve(self.requested_backend(), x.device.type, (ops._rows(x), self.in_features,
-                                                                              self.out_features, self.r))
-        proj_args = (theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed, backend)
-        if self._weight_t is not None and not args and not kwargs and self._can_fuse(x):
-            # Eager mode skips the custom op's Python dispatch (tens of microseconds, as much as a
-            # decode step): the op's body when nothing needs a gradient; for training, the cpu
-            # backend's C++ autograd (unilora_C::linear_autograd), else ops.LinearFunction over
-            # the custom op's bodies. torch.compile traces the custom op.
+        shape = (ops.rows(x), self.in_features, self.out_features, self.r)
+        backend = backends.resolve(self.requested_backend(), x.device.type, shape)
+        u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed,
+                           backend)
+        if self._fusable_base and not args and not kwargs and self._can_fuse(x):
+            # Eager mode calls the op's bodies without the custom op's Python dispatch, which costs
+            # as much as a decode step (docs/PERF.md); torch.compile traces the custom op.
             if torch.compiler.is_compiling():
-                out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *proj_args)
+                out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *u)
             elif _needs_grad(x, theta, base):
-                impl = backends.get_backend(backend, x.device.type)
-                # autograd in C++ on the CPU backend (the CUDA one keeps the path verified on a GPU
-                # until linear_autograd has run there: tests/test_extension_cuda.py)
-                if x.device.type == "cpu" and hasattr(impl, "linear_autograd") and x.numel() > 0:
-                    x2d = x.reshape(-1, self.in_features)
-                    out2d = impl.linear_autograd(x2d, base.weight, base.bias, self._weight_t, theta,
-                                                 self.projection(x.device), p, ops._seed_value(p, seed))
-                    return out2d.view(*x.shape[:-1], self.out_features)
-                out, _ = ops.LinearFunction.apply(x, base.weight, base.bias, self._weight_t, *proj_args)
+                out = ops.linear_train(x, base.weight, base.bias, self._weight_t, u)
             else:
-                out, _ = ops.linear_forward(x, base.weight, base.bias, self._weight_t, *proj_args)
+                out, _ = ops.linear_forward(x, base.weight, base.bias, self._weight_t, *u)
             return out
         base_out = base(x, *args, **kwargs)
         if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
             raise ValueError(f"base layer returned shape {tuple(base_out.shape)} for input {tuple(x.shape)}")
         if torch.is_grad_enabled() and (base_out.requires_grad or theta.requires_grad or x.requires_grad):
-            out, _ = torch.ops.unilora.add_update(base_out, x, *proj_args)
+            out, _ = torch.ops.unilora.add_update(base_out, x, *u)
             return out
         if _owns_storage(base_out, x):
-            torch.ops.unilora.add_update_(base_out, x, *proj_args)
+            torch.ops.unilora.add_update_(base_out, x, *u)
             return base_out
-        out, _ = torch.ops.unilora.add_update(base_out, x, *proj_args)
+        out, _ = torch.ops.unilora.add_update(base_out, x, *u)
         return out
 
     def _can_fuse(self, x: torch.Tensor) -> bool:

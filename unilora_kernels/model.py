@@ -1,4 +1,4 @@
-"""Putting Uni-LoRA into a model: target matching (PEFT's rules), ``inject``, merge, LoRA export."""
+"""Putting Uni-LoRA into a model: target matching (PEFT's rules), ``inject``, merge and unmerge."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def find_bank(model: nn.Module, required: bool = True) -> Optional[UniLoRABank]:
 # --------------------------------------------------------------------------------------------
 # inject
 # --------------------------------------------------------------------------------------------
-def _as_config(config, overrides: dict) -> UniLoRAConfig:
+def as_config(config, overrides: dict) -> UniLoRAConfig:
     if config is None:
         return UniLoRAConfig(**overrides)
     if isinstance(config, UniLoRAConfig):
@@ -145,16 +145,16 @@ def plan(model: nn.Module, config: UniLoRAConfig) -> tuple[list, list, int]:
     return targets, features, D
 
 
-def _fan_in_fan_out_checked(config: UniLoRAConfig, targets: list) -> UniLoRAConfig:
+def fan_in_fan_out_checked(config: UniLoRAConfig, targets: list) -> UniLoRAConfig:
     """PEFT's per-type correction of fan_in_fan_out, with its warnings."""
     has_conv1d = Conv1D is not None and any(isinstance(m, Conv1D) for _, m in targets)
     has_linear = any(isinstance(m, nn.Linear) for _, m in targets)
     if has_conv1d and not config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out is False but the targets are Conv1D; setting fan_in_fan_out to True", stacklevel=3)
+        warnings.warn("fan_in_fan_out is False but the targets are Conv1D; setting fan_in_fan_out to True", stacklevel=4)
         config = dataclasses.replace(config, fan_in_fan_out=True)
     elif has_linear and not has_conv1d and config.fan_in_fan_out:
         warnings.warn(
-            "fan_in_fan_out is True but the targets are torch.nn.Linear; setting fan_in_fan_out to False", stacklevel=3
+            "fan_in_fan_out is True but the targets are torch.nn.Linear; setting fan_in_fan_out to False", stacklevel=4
         )
         config = dataclasses.replace(config, fan_in_fan_out=False)
     return config
@@ -198,6 +198,20 @@ def build_layers(model, config, targets, features, D, *, index=None, theta=None)
     return bank
 
 
+def inject_planned(model: nn.Module, config: UniLoRAConfig, index_for=None) -> UniLoRABank:
+    """The steps of ``inject`` (also ``load_adapter``'s): plan and check everything, then build.
+
+    ``index_for(targets, features, D)`` may supply the index table (a checkpoint's stored
+    indices) and may raise; it runs before anything is changed, so on error the model is untouched.
+    """
+    targets, features, D = plan(model, config)
+    index = index_for(targets, features, D) if index_for is not None else None
+    device = next(iter(targets[0][1].parameters())).device
+    backends.resolve(config.requested_backend(), device.type)  # fail before touching the model
+    config = fan_in_fan_out_checked(config, targets)
+    return build_layers(model, config, targets, features, D, index=index)
+
+
 def inject(model: nn.Module, config: Optional[UniLoRAConfig] = None, **overrides) -> nn.Module:
     """Replace the target layers of ``model`` by UniLoRALinear, in place; returns ``model``.
 
@@ -207,12 +221,7 @@ def inject(model: nn.Module, config: Optional[UniLoRAConfig] = None, **overrides
     registered, ``model.unilora_theta_d`` (fp32, shape (d,)); everything else is frozen
     (except biases when ``config.bias`` says so). On any error the model is left untouched.
     """
-    config = _as_config(config, overrides)
-    targets, features, D = plan(model, config)
-    device = next(iter(targets[0][1].parameters())).device
-    backends.resolve(config.requested_backend(), device.type)  # fail before touching the model
-    config = _fan_in_fan_out_checked(config, targets)
-    build_layers(model, config, targets, features, D)
+    inject_planned(model, as_config(config, overrides))
     return model
 
 
@@ -234,65 +243,3 @@ def unmerge(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
     return model
-
-
-def _bias_state(model: nn.Module, bank: UniLoRABank) -> dict:
-    """PEFT's learnable-bias entries of the adapter state dict (names relative to the model)."""
-    if bank.config.bias == "none":
-        return {}
-    state = model.state_dict()
-    if bank.config.bias == "all":
-        return {k: v for k, v in state.items() if k == "bias" or k.endswith(".bias")}
-    keys = {f"{n}.base_layer.bias" for n, _ in iter_layers(model)}
-    return {k: v for k, v in state.items() if k in keys}
-
-
-def lora_config_dict(model: nn.Module, bank: UniLoRABank, names: list) -> dict:
-    fan_in_fan_out = Conv1D is not None and any(isinstance(l.base_layer, Conv1D) for _, l in iter_layers(model))
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": _name_or_path(model),
-        "revision": None,
-        "inference_mode": True,
-        "r": bank.config.r,
-        "lora_alpha": bank.config.r,  # scaling alpha / r = 1: Uni-LoRA has no alpha
-        "lora_dropout": 0.0,
-        "target_modules": names,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": bank.config.bias,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
-
-
-def _name_or_path(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-
-
-def export_lora(model: nn.Module, path: Optional[str] = None) -> dict:
-    """The equivalent plain-LoRA adapter: PEFT LoRA key names, ``lora_alpha = r``, fp32.
-
-    ``base_model.model.<layer>.lora_A.weight`` is A (r x in) and ``...lora_B.weight`` is B
-    (out x r), so any LoRA runtime serves the adapter. With ``path``, also writes a PEFT LoRA
-    adapter directory (adapter_config.json + adapter_model.safetensors) there.
-    """
-    bank = find_bank(model)
-    state, names = {}, []
-    for name, layer in iter_layers(model):
-        A, B = layer.lora_matrices()
-        state[f"base_model.model.{name}.lora_A.weight"] = A.float().cpu().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = B.float().cpu().contiguous()
-        names.append(name)
-    for key, value in _bias_state(model, bank).items():
-        state[f"base_model.model.{key}"] = value.detach().cpu().contiguous()
-    if path is not None:
-        from .peft_io import write_adapter_dir
-
-        write_adapter_dir(path, lora_config_dict(model, bank, names), state)
-    return state

@@ -2,59 +2,73 @@
 
 Ops (namespace ``unilora``):
 
-* ``add_update(base_out, x, theta_d, ...) -> (out, h)``: ``out = base_out + drop(x) A^T B^T``
+* ``add_update(base_out, x, <update>) -> (out, h)``: ``out = base_out + drop(x) A^T B^T``
   for any base layer; differentiable in base_out, x and theta_d.
-* ``linear(x, weight, bias, weight_t, theta_d, ...) -> (out, h)``: the frozen base linear
+* ``linear(x, weight, bias, weight_t, <update>) -> (out, h)``: the frozen base linear
   (``nn.Linear``, or GPT-2 ``Conv1D`` when ``weight_t``) and the update in one op, so the update
   is added into the fresh base output in place and, in backward, ``(g B) A`` is added into
   ``g W`` in place: no output-sized or input-sized temporary beyond the results.
-* ``add_update_(out, x, theta_d, ...)``: in-place update for inference (no autograd).
-* ``backward(...) -> (grad_x, grad_theta)``: the backward of the two differentiable ops.
+* ``add_update_(out, x, <update>)``: in-place update for inference (no autograd).
+* ``backward(grad_out, x, weight, weight_t, <update>, h, need_grad_x, need_grad_theta)
+  -> (grad_x, grad_theta)``: the backward of the two differentiable ops.
 
-``A``/``B`` never exist outside a backend: every backend reads theta_d through the projection
-given by ``scales``, ``idx_a``/``idx_b`` (uniform) or ``hashed = [D, offset, key]`` (hashed).
-``h = drop(x) A^T`` (M x r, fp32) is returned so backward need not recompute it. The
-``backend`` argument names a concrete backend (see ``backends.resolve``).
+``<update>`` is the same nine arguments in every op, ``UpdateArgs``: theta_d and the projection
+(``scales``, ``idx_a``/``idx_b`` for "uniform", ``hashed = [D, offset, key]`` for "hashed"),
+r, dropout_p, seed, and the concrete backend (see ``backends.resolve``). ``A``/``B`` never
+exist outside a backend. ``h = drop(x) A^T`` (M x r, fp32) is returned so backward need not
+recompute it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .backends import LayerProjection
+from .backends import LayerProjection, policy
 
-_FLOAT_X = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FLOAT_THETA = (torch.float32, torch.float64)
+
+class UpdateArgs(NamedTuple):
+    """The adapter's arguments of every op, in schema order (``UPDATE_SCHEMA``)."""
+
+    theta_d: Tensor
+    scales: Tensor
+    idx_a: Tensor
+    idx_b: Tensor
+    r: int
+    hashed: list
+    dropout_p: float
+    seed: Optional[Tensor]
+    backend: str
+
+    def projection(self, in_features: int, out_features: int) -> LayerProjection:
+        return LayerProjection(self.idx_a, self.idx_b, self.scales, self.r, in_features, out_features,
+                               tuple(self.hashed))
+
+    def seed_value(self) -> Optional[int]:
+        return policy.seed_value(self.dropout_p, self.seed)
+
+
+UPDATE_SCHEMA = ("Tensor theta_d, Tensor scales, Tensor idx_a, Tensor idx_b, int r, int[] hashed, float dropout_p, "
+                 "Tensor? seed, str backend")
+N_UPDATE = len(UpdateArgs._fields)
 
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
 # --------------------------------------------------------------------------------------------
-def h_dtype(x: Tensor, theta: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, theta.dtype) else torch.float32
-
-
-def _rows(x: Tensor):
+def rows(x: Tensor) -> int:
+    """Rows of ``x`` flattened to 2-D (every dimension but the last)."""
     return math.prod(x.shape[:-1])
 
 
-def _seed_value(dropout_p: float, seed: Optional[Tensor]):
-    if dropout_p <= 0.0:
-        return None
-    if seed is None:
-        raise ValueError("dropout_p > 0 needs a seed tensor (unilora_kernels.philox.new_seed())")
-    return int(seed.reshape(-1)[0].item())
-
-
-def _projection(x, out_features, scales, idx_a, idx_b, r, hashed) -> LayerProjection:
-    return LayerProjection(idx_a, idx_b, scales, r, x.shape[-1], out_features, tuple(hashed))
+def h_dtype(x: Tensor, theta: Tensor) -> torch.dtype:
+    return policy.compute_dtype(x.dtype, theta.dtype)
 
 
 def _base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bool) -> Tensor:
@@ -66,89 +80,68 @@ def _base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bo
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
-def _exact(device_type: str):
+def autocast_disabled(device_type: str):
     """Backends compute in the dtypes they are given: autocast must not re-cast their math."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
 
-def _forward_into(out, x, theta, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend) -> Tensor:
+def _forward_into(out: Tensor, x: Tensor, u: UpdateArgs) -> Tensor:
     """out += drop(x) A^T B^T in place (out contiguous); returns h (M x r)."""
     out_f = out.shape[-1]
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[0] == 0:
-        return x.new_empty((0, r), dtype=h_dtype(x, theta))
-    impl = backends.get_backend(backend, x.device.type)
-    proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
-    with _exact(x.device.type):
-        return impl.forward_(out.view(-1, out_f), x2d, theta, proj, dropout_p, _seed_value(dropout_p, seed))
+        return x.new_empty((0, u.r), dtype=h_dtype(x, u.theta_d))
+    impl = backends.get_backend(u.backend, x.device.type)
+    with autocast_disabled(x.device.type):
+        return impl.forward_(out.view(-1, out_f), x2d, u.theta_d, u.projection(x.shape[-1], out_f), u.dropout_p,
+                             u.seed_value())
+
+
+def _out_features(weight: Tensor, weight_t: bool) -> int:
+    return weight.shape[1] if weight_t else weight.shape[0]
 
 
 # --------------------------------------------------------------------------------------------
 # forward ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("unilora::add_update", mutates_args=())
-def _add_update_op(
-    base_out: Tensor,
-    x: Tensor,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Tensor,
-    idx_b: Tensor,
-    r: int,
-    hashed: list[int],
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def _add_update_body(base_out: Tensor, x: Tensor, *update) -> tuple[Tensor, Tensor]:
     out = base_out.clone(memory_format=torch.contiguous_format)
-    h = _forward_into(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
-    return out, h
+    return out, _forward_into(out, x, UpdateArgs(*update))
+
+
+_add_update_op = torch.library.custom_op(
+    "unilora::add_update", _add_update_body, mutates_args=(),
+    schema=f"(Tensor base_out, Tensor x, {UPDATE_SCHEMA}) -> (Tensor, Tensor)")
 
 
 @_add_update_op.register_fake
-def _(base_out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
-    out = base_out.new_empty(base_out.shape)
-    return out, x.new_empty((_rows(x), r), dtype=h_dtype(x, theta_d))
+def _(base_out, x, *update):
+    u = UpdateArgs(*update)
+    return base_out.new_empty(base_out.shape), x.new_empty((rows(x), u.r), dtype=h_dtype(x, u.theta_d))
 
 
-def linear_forward(x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bool, *update) -> tuple[Tensor, Tensor]:
     """The body of ``unilora::linear``: (out, h). Called directly (no custom-op dispatch) by
     ``UniLoRALinear`` when nothing needs a gradient."""
-    impl = backends.get_backend(backend, x.device.type)
+    u = UpdateArgs(*update)
+    impl = backends.get_backend(u.backend, x.device.type)
     x2d = x.reshape(-1, x.shape[-1])
     if hasattr(impl, "linear") and x2d.shape[0] > 0:
         # The compiled backends run base and update in one C++ call (see backends/extension.py).
-        out_f = weight.shape[1] if weight_t else weight.shape[0]
-        proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
-        with _exact(x.device.type):
-            out2d, h = impl.linear(x2d, weight, bias, weight_t, theta_d, proj, dropout_p,
-                                   _seed_value(dropout_p, seed))
+        out_f = _out_features(weight, weight_t)
+        with autocast_disabled(x.device.type):
+            out2d, h = impl.linear(x2d, weight, bias, weight_t, u.theta_d, u.projection(x.shape[-1], out_f),
+                                   u.dropout_p, u.seed_value())
         return out2d.view(*x.shape[:-1], out_f), h
     out = _base_linear(x, weight, bias, weight_t).contiguous()
-    h = _forward_into(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
-    return out, h
+    return out, _forward_into(out, x, u)
 
 
-@torch.library.custom_op("unilora::linear", mutates_args=())
-def _linear_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    weight_t: bool,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Tensor,
-    idx_b: Tensor,
-    r: int,
-    hashed: list[int],
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return linear_forward(x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed,
-                          backend)
+_linear_op = torch.library.custom_op(
+    "unilora::linear", linear_forward, mutates_args=(),
+    schema=f"(Tensor x, Tensor weight, Tensor? bias, bool weight_t, {UPDATE_SCHEMA}) -> (Tensor, Tensor)")
 
 
 def _h_rows(backend: str, device_type: str, M: int) -> int:
@@ -160,106 +153,86 @@ def _h_rows(backend: str, device_type: str, M: int) -> int:
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
-    out_f = weight.shape[1] if weight_t else weight.shape[0]
-    out = x.new_empty((*x.shape[:-1], out_f))
-    return out, x.new_empty((_h_rows(backend, x.device.type, _rows(x)), r), dtype=h_dtype(x, theta_d))
+def _(x, weight, bias, weight_t, *update):
+    u = UpdateArgs(*update)
+    out = x.new_empty((*x.shape[:-1], _out_features(weight, weight_t)))
+    return out, x.new_empty((_h_rows(u.backend, x.device.type, rows(x)), u.r), dtype=h_dtype(x, u.theta_d))
 
 
-@torch.library.custom_op("unilora::add_update_", mutates_args=("out",))
-def _add_update_inplace_op(
-    out: Tensor,
-    x: Tensor,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Tensor,
-    idx_b: Tensor,
-    r: int,
-    hashed: list[int],
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
-) -> None:
+def _add_update_inplace_body(out: Tensor, x: Tensor, *update) -> None:
+    u = UpdateArgs(*update)
     if out.is_contiguous():
-        _forward_into(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
+        _forward_into(out, x, u)
         return
     tmp = out.contiguous()
-    _forward_into(tmp, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
+    _forward_into(tmp, x, u)
     out.copy_(tmp)
 
 
+_add_update_inplace_op = torch.library.custom_op(
+    "unilora::add_update_", _add_update_inplace_body, mutates_args=("out",),
+    schema=f"(Tensor(a!) out, Tensor x, {UPDATE_SCHEMA}) -> ()")
+
+
 @_add_update_inplace_op.register_fake
-def _(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
+def _(out, x, *update):
     return None
 
 
 # --------------------------------------------------------------------------------------------
 # backward op
 # --------------------------------------------------------------------------------------------
-def backward_body(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Optional[Tensor],
-    weight_t: bool,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Tensor,
-    idx_b: Tensor,
-    r: int,
-    hashed: list[int],
-    dropout_p: float,
-    seed: Optional[Tensor],
-    h: Tensor,
-    need_grad_x: bool,
-    need_grad_theta: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def backward_body(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], weight_t: bool, *rest) -> tuple[Tensor, Tensor]:
     """The body of ``unilora::backward``: (grad_x, grad_theta); an output that was not asked for
-    is an empty tensor. Called directly by the eager autograd path (``LinearFunction``).
+    is an empty tensor. ``rest`` is ``<update>, h, need_grad_x, need_grad_theta``. Called directly
+    by the eager autograd path (``LinearFunction``).
 
     With ``weight`` (the fused linear op), grad_x starts as the frozen base's ``g W`` and the
     adapter's ``(g B) A`` is added into it in place.
     """
+    u = UpdateArgs(*rest[:N_UPDATE])
+    h, need_grad_x, need_grad_theta = rest[N_UPDATE:]
     in_f, out_f = x.shape[-1], grad_out.shape[-1]
     g2d = grad_out.reshape(-1, out_f)
     x2d = x.reshape(-1, in_f)
     grad_x2d = None
     grad_theta = None
-    impl = backends.get_backend(backend, x.device.type)
+    impl = backends.get_backend(u.backend, x.device.type)
     fused = weight is not None and hasattr(impl, "linear_backward") and x2d.shape[0] > 0
     if need_grad_x and weight is not None and not fused:
         grad_x2d = g2d @ (weight.t() if weight_t else weight)
     if fused and (need_grad_x or need_grad_theta):
-        proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
-        with _exact(x.device.type):
+        with autocast_disabled(x.device.type):
             grad_x2d, grad_theta = impl.linear_backward(
-                g2d, x2d, weight, weight_t, theta_d, proj, dropout_p, _seed_value(dropout_p, seed), h,
+                g2d, x2d, weight, weight_t, u.theta_d, u.projection(in_f, out_f), u.dropout_p, u.seed_value(), h,
                 need_grad_x, need_grad_theta)
     elif x2d.shape[0] == 0:
         if need_grad_x and grad_x2d is None:
             grad_x2d = x2d.new_zeros(x2d.shape)
         if need_grad_theta:
-            grad_theta = torch.zeros_like(theta_d)
+            grad_theta = torch.zeros_like(u.theta_d)
     elif need_grad_x or need_grad_theta:
-        proj = _projection(x, out_f, scales, idx_a, idx_b, r, hashed)
-        seed_v = _seed_value(dropout_p, seed)
-        with _exact(x.device.type):
+        with autocast_disabled(x.device.type):
             grad_x2d, grad_theta = impl.backward(
-                g2d, x2d, theta_d, proj, dropout_p, seed_v, h, grad_x2d, need_grad_x, need_grad_theta
-            )
+                g2d, x2d, u.theta_d, u.projection(in_f, out_f), u.dropout_p, u.seed_value(), h, grad_x2d,
+                need_grad_x, need_grad_theta)
     grad_x = grad_x2d.view(x.shape) if need_grad_x else x.new_empty(0)
     if not need_grad_theta:
-        grad_theta = theta_d.new_empty(0)
+        grad_theta = u.theta_d.new_empty(0)
     return grad_x, grad_theta
 
 
 # The custom op wraps the same function, which stays callable without the op's dispatch.
-_backward_op = torch.library.custom_op("unilora::backward", mutates_args=())(backward_body)
+_backward_op = torch.library.custom_op(
+    "unilora::backward", backward_body, mutates_args=(),
+    schema=(f"(Tensor grad_out, Tensor x, Tensor? weight, bool weight_t, {UPDATE_SCHEMA}, Tensor h, "
+            "bool need_grad_x, bool need_grad_theta) -> (Tensor, Tensor)"))
 
 
 @_backward_op.register_fake
-def _(grad_out, x, weight, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, h,
-      need_grad_x, need_grad_theta, backend):
+def _(grad_out, x, weight, weight_t, *rest):
+    theta_d = rest[0]
+    need_grad_x, need_grad_theta = rest[-2:]
     grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(0)
     grad_theta = theta_d.new_empty(theta_d.shape) if need_grad_theta else theta_d.new_empty(0)
     return grad_x, grad_theta
@@ -268,48 +241,51 @@ def _(grad_out, x, weight, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, d
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
+def _save_update(ctx, x: Tensor, weight: Optional[Tensor], u: UpdateArgs, h: Tensor) -> None:
+    ctx.save_for_backward(x, weight, u.theta_d, u.scales, u.idx_a, u.idx_b, u.seed, h)
+    ctx.args = (u.r, list(u.hashed), u.dropout_p, u.backend)
+
+
+def _saved_update(ctx) -> tuple[Tensor, Optional[Tensor], UpdateArgs, Tensor]:
+    x, weight, theta_d, scales, idx_a, idx_b, seed, h = ctx.saved_tensors
+    r, hashed, dropout_p, backend = ctx.args
+    return x, weight, UpdateArgs(theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend), h
+
+
 def _setup_add_update(ctx, inputs, output):
-    base_out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend = inputs
+    base_out, x, *update = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, theta_d, scales, idx_a, idx_b, seed, output[1])
-    ctx.args = (r, list(hashed), dropout_p, backend)
+    _save_update(ctx, x, None, UpdateArgs(*update), output[1])
 
 
 def _backward_add_update(ctx, grad_out, _grad_h):
-    x, theta_d, scales, idx_a, idx_b, seed, h = ctx.saved_tensors
-    r, hashed, dropout_p, backend = ctx.args
+    x, _, u, h = _saved_update(ctx)
     need_x, need_theta = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     grad_x = grad_theta = None
     if need_x or need_theta:
-        grad_x, grad_theta = torch.ops.unilora.backward(
-            grad_out, x, None, False, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, h,
-            need_x, need_theta, backend,
-        )
+        grad_x, grad_theta = torch.ops.unilora.backward(grad_out, x, None, False, *u, h, need_x, need_theta)
     grad_base = grad_out if ctx.needs_input_grad[0] else None
-    return (grad_base, grad_x if need_x else None, grad_theta if need_theta else None) + (None,) * 8
+    return (grad_base, grad_x if need_x else None, grad_theta if need_theta else None) + (None,) * (N_UPDATE - 1)
 
 
 _add_update_op.register_autograd(_backward_add_update, setup_context=_setup_add_update)
 
 
 def _setup_linear(ctx, inputs, output):
-    x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend = inputs
+    x, weight, bias, weight_t, *update = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, weight, theta_d, scales, idx_a, idx_b, seed, output[1])
-    ctx.args = (weight_t, r, list(hashed), dropout_p, backend)
+    _save_update(ctx, x, weight, UpdateArgs(*update), output[1])
+    ctx.weight_t = weight_t
     ctx.backward_fn = torch.ops.unilora.backward  # traceable: torch.compile sees one opaque op
 
 
 def _backward_linear(ctx, grad_out, _grad_h):
-    x, weight, theta_d, scales, idx_a, idx_b, seed, h = ctx.saved_tensors
-    weight_t, r, hashed, dropout_p, backend = ctx.args
+    x, weight, u, h = _saved_update(ctx)
+    weight_t = ctx.weight_t
     need_x, need_w, need_b, need_theta = (ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
     grad_x = grad_theta = grad_w = grad_b = None
     if need_x or need_theta:
-        grad_x, grad_theta = ctx.backward_fn(
-            grad_out, x, weight, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, h,
-            need_x, need_theta, backend,
-        )
+        grad_x, grad_theta = ctx.backward_fn(grad_out, x, weight, weight_t, *u, h, need_x, need_theta)
     if need_w or need_b:
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         if need_w:
@@ -317,13 +293,8 @@ def _backward_linear(ctx, grad_out, _grad_h):
             grad_w = x2d.t() @ g2d if weight_t else g2d.t() @ x2d
         if need_b:
             grad_b = g2d.sum(0)
-    return (
-        grad_x if need_x else None,
-        grad_w,
-        grad_b,
-        None,
-        grad_theta if need_theta else None,
-    ) + (None,) * 8
+    return (grad_x if need_x else None, grad_w, grad_b, None,
+            grad_theta if need_theta else None) + (None,) * (N_UPDATE - 1)
 
 
 _linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
@@ -331,16 +302,13 @@ _linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
 
 class LinearFunction(torch.autograd.Function):
     """``unilora::linear`` with its autograd, for eager mode: the same forward and backward bodies
-    without the custom ops' Python dispatch and autograd wrapper, which cost ~0.2 ms per layer
-    and training step (measured on CPU; as much as the whole update at small M). Under
-    torch.compile ``UniLoRALinear`` uses the custom op instead. Returns (out, h)."""
+    without the custom ops' Python dispatch and autograd wrapper (docs/PERF.md: host cost per
+    call). Under torch.compile the custom op is traced instead. Returns (out, h)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
-        out, h = linear_forward(x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p,
-                                seed, backend)
-        _setup_linear(ctx, (x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed,
-                            backend), (out, h))
+    def forward(ctx, x, weight, bias, weight_t, *update):
+        out, h = linear_forward(x, weight, bias, weight_t, *update)
+        _setup_linear(ctx, (x, weight, bias, weight_t, *update), (out, h))
         ctx.backward_fn = backward_body
         return out, h
 
@@ -349,27 +317,31 @@ class LinearFunction(torch.autograd.Function):
         return _backward_linear(ctx, grad_out, grad_h)
 
 
+def linear_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bool, u: UpdateArgs) -> Tensor:
+    """Eager training of the fused linear: the backend's C++ autograd where it has one on this device
+    (``unilora_C::linear_autograd``, one C++ call each way), else ``LinearFunction``."""
+    impl = backends.get_backend(u.backend, x.device.type)
+    # C++ autograd on CPU only: on CUDA tensors linear_autograd has not run on a GPU yet
+    # (tests/test_extension_cuda.py keeps its gpu test ready).
+    if x.device.type == "cpu" and hasattr(impl, "linear_autograd") and x.numel() > 0:
+        out_f = _out_features(weight, weight_t)
+        out2d = impl.linear_autograd(x.reshape(-1, x.shape[-1]), weight, bias, weight_t, u.theta_d,
+                                     u.projection(x.shape[-1], out_f), u.dropout_p, u.seed_value())
+        return out2d.view(*x.shape[:-1], out_f)
+    return LinearFunction.apply(x, weight, bias, weight_t, *u)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # validated public entry points
 # --------------------------------------------------------------------------------------------
-def check_inputs(
-    x: Tensor,
-    out_features: int,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Tensor,
-    idx_b: Tensor,
-    r: int,
-    hashed: Sequence[int],
-    dropout_p: float,
-    seed: Optional[Tensor],
-) -> None:
+def check_inputs(x: Tensor, out_features: int, u: UpdateArgs) -> None:
     """Raise TypeError/ValueError naming the first problem with the op's arguments."""
-    if not isinstance(x, Tensor) or x.dtype not in _FLOAT_X:
+    if not isinstance(x, Tensor) or x.dtype not in policy.ACTIVATION_DTYPES:
         raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
-    if not isinstance(theta_d, Tensor) or theta_d.dim() != 1 or theta_d.dtype not in _FLOAT_THETA:
+    theta_d, scales, idx_a, idx_b, r, hashed = u.theta_d, u.scales, u.idx_a, u.idx_b, u.r, u.hashed
+    if not isinstance(theta_d, Tensor) or theta_d.dim() != 1 or theta_d.dtype not in policy.THETA_DTYPES:
         raise TypeError(
             "theta_d must be a 1-D float32 tensor (float64 for gradcheck), got "
             f"{getattr(theta_d, 'dtype', type(theta_d))} of shape {tuple(getattr(theta_d, 'shape', ()))}"
@@ -403,94 +375,62 @@ def check_inputs(
     devices = {t.device for t in (x, theta_d, scales) + (() if hashed else (idx_a, idx_b))}
     if len(devices) > 1:
         raise ValueError(f"x, theta_d, scales and indices must be on one device, got {sorted(map(str, devices))}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if dropout_p > 0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
+    if not 0.0 <= u.dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {u.dropout_p}")
+    seed = u.seed
+    if u.dropout_p > 0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
         raise ValueError("dropout_p > 0 needs a one-element int64 seed tensor (unilora_kernels.philox.new_seed())")
 
 
-def _empty_index(device) -> Tensor:
-    return torch.empty(0, dtype=torch.int32, device=device)
+def update_args(x: Tensor, out_features: int, theta_d: Tensor, scales: Tensor, idx_a: Optional[Tensor] = None,
+                idx_b: Optional[Tensor] = None, *, r: Optional[int] = None, hashed: Sequence[int] = (),
+                dropout_p: float = 0.0, seed: Optional[Tensor] = None, backend: str = "auto") -> UpdateArgs:
+    """Checked ``UpdateArgs`` with a concrete backend, from the public functions' arguments.
 
-
-def _prepare(x, out_features, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend):
+    ``idx_a`` (int32, r x in) and ``idx_b`` (int32, out x r) are the uniform projection's indices;
+    the hashed projection passes none and gives ``hashed = [D, offset, key]`` and ``r`` instead.
+    ``dropout_p > 0`` needs a one-element int64 ``seed`` (``philox.new_seed()``). ``backend`` is
+    a name of ``backends.BACKENDS``; "auto" resolves per device and shape.
+    """
     hashed = list(hashed or [])
-    if idx_a is None:
-        idx_a = _empty_index(x.device)
-    if idx_b is None:
-        idx_b = _empty_index(x.device)
+    empty = torch.empty(0, dtype=torch.int32, device=x.device)
+    idx_a = empty if idx_a is None else idx_a
+    idx_b = empty if idx_b is None else idx_b
     if r is None:
         if hashed:
             raise ValueError("r must be given for the hashed projection")
         r = idx_a.shape[0]
-    check_inputs(x, out_features, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed)
-    shape = (_rows(x), x.shape[-1], out_features, r)
-    return idx_a, idx_b, r, hashed, backends.resolve(backend, x.device.type, shape)
+    u = UpdateArgs(theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
+    check_inputs(x, out_features, u)
+    return u._replace(backend=backends.resolve(backend, x.device.type, (rows(x), x.shape[-1], out_features, r)))
 
 
-def add_update(
-    base_out: Tensor,
-    x: Tensor,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Optional[Tensor] = None,
-    idx_b: Optional[Tensor] = None,
-    *,
-    r: Optional[int] = None,
-    hashed: Sequence[int] = (),
-    dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tensor:
-    """``base_out + drop(x) A^T B^T`` with A, B read from theta_d through the projection."""
-    if base_out.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"base_out {tuple(base_out.shape)} and x {tuple(x.shape)} differ in leading dimensions")
-    idx_a, idx_b, r, hashed, backend = _prepare(
-        x, base_out.shape[-1], theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend
-    )
-    return torch.ops.unilora.add_update(base_out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)[0]
-
-
-def add_update_(
-    out: Tensor,
-    x: Tensor,
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Optional[Tensor] = None,
-    idx_b: Optional[Tensor] = None,
-    *,
-    r: Optional[int] = None,
-    hashed: Sequence[int] = (),
-    dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tensor:
-    """In-place ``out += drop(x) A^T B^T`` (inference; not differentiable). Returns ``out``."""
+def _check_rows(out: Tensor, x: Tensor, name: str) -> None:
     if out.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"out {tuple(out.shape)} and x {tuple(x.shape)} differ in leading dimensions")
-    idx_a, idx_b, r, hashed, backend = _prepare(
-        x, out.shape[-1], theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend
-    )
-    torch.ops.unilora.add_update_(out, x, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
+        raise ValueError(f"{name} {tuple(out.shape)} and x {tuple(x.shape)} differ in leading dimensions")
+
+
+def add_update(base_out: Tensor, x: Tensor, theta_d: Tensor, scales: Tensor, idx_a: Optional[Tensor] = None,
+               idx_b: Optional[Tensor] = None, **options) -> Tensor:
+    """``base_out + drop(x) A^T B^T`` with A, B read from theta_d through the projection
+    (``options``: r, hashed, dropout_p, seed, backend; see ``update_args``)."""
+    _check_rows(base_out, x, "base_out")
+    u = update_args(x, base_out.shape[-1], theta_d, scales, idx_a, idx_b, **options)
+    return torch.ops.unilora.add_update(base_out, x, *u)[0]
+
+
+def add_update_(out: Tensor, x: Tensor, theta_d: Tensor, scales: Tensor, idx_a: Optional[Tensor] = None,
+                idx_b: Optional[Tensor] = None, **options) -> Tensor:
+    """In-place ``out += drop(x) A^T B^T`` (inference; not differentiable). Returns ``out``."""
+    _check_rows(out, x, "out")
+    u = update_args(x, out.shape[-1], theta_d, scales, idx_a, idx_b, **options)
+    torch.ops.unilora.add_update_(out, x, *u)
     return out
 
 
-def linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    theta_d: Tensor,
-    scales: Tensor,
-    idx_a: Optional[Tensor] = None,
-    idx_b: Optional[Tensor] = None,
-    *,
-    weight_t: bool = False,
-    r: Optional[int] = None,
-    hashed: Sequence[int] = (),
-    dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta_d: Tensor, scales: Tensor,
+           idx_a: Optional[Tensor] = None, idx_b: Optional[Tensor] = None, *, weight_t: bool = False,
+           **options) -> Tensor:
     """``x W^T + b + drop(x) A^T B^T`` (``x W + b + ...`` when ``weight_t``, GPT-2 Conv1D layout)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
@@ -499,9 +439,5 @@ def linear(
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {in_w}")
     if weight.dtype != x.dtype:
         raise TypeError(f"x is {x.dtype} but the base weight is {weight.dtype}")
-    idx_a, idx_b, r, hashed, backend = _prepare(
-        x, out_f, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend
-    )
-    return torch.ops.unilora.linear(
-        x, weight, bias, weight_t, theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend
-    )[0]
+    u = update_args(x, out_f, theta_d, scales, idx_a, idx_b, **options)
+    return torch.ops.unilora.linear(x, weight, bias, weight_t, *u)[0]

@@ -23,21 +23,10 @@ from torch import nn
 
 from . import projection as P
 from .bank import UniLoRABank
-from .config import UniLoRAConfig
-from .model import (
-    _as_config,
-    _bias_state,
-    _fan_in_fan_out_checked,
-    _name_or_path,
-    build_layers,
-    find_bank,
-    find_targets,
-    iter_layers,
-    plan,
-)
+from .config import CONFIG_FILE, HASHED_CONFIG_FILE, UniLoRAConfig, read_adapter_config
+from .layer import Conv1D
+from .model import as_config, build_layers, find_bank, find_targets, inject_planned, iter_layers
 
-CONFIG_FILE = "adapter_config.json"
-HASHED_CONFIG_FILE = "unilora_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 THETA_KEY = "base_model.unilora_theta_d"
 PREFIX = "base_model.model."
@@ -52,30 +41,6 @@ def _safetensors():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("adapter files need safetensors: pip install 'unilora_kernels[peft]'") from exc
     return st
-
-
-def read_adapter_config(path) -> dict:
-    """The adapter's config dict, from a directory (or the JSON file itself)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for name in (CONFIG_FILE, HASHED_CONFIG_FILE):
-            if os.path.isfile(os.path.join(path, name)):
-                cfg_path = os.path.join(path, name)
-                break
-        else:
-            raise ValueError(f"{path!r} holds no {CONFIG_FILE} (nor {HASHED_CONFIG_FILE}): not an adapter directory")
-    elif os.path.isfile(path):
-        cfg_path = path
-    else:
-        raise ValueError(f"adapter path {path!r} does not exist")
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path!r} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{cfg_path!r} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_adapter_tensors(path) -> dict:
@@ -122,7 +87,7 @@ def save_adapter(model: nn.Module, path) -> None:
     bank = find_bank(model)
     cfg = bank.config
     state = {THETA_KEY: bank.theta_d.detach().float().cpu().contiguous()}
-    state.update({PREFIX + k: v.detach().cpu().contiguous() for k, v in _bias_state(model, bank).items()})
+    state.update({PREFIX + k: v.detach().cpu().contiguous() for k, v in bias_state(model, bank).items()})
     if cfg.projection == "hashed":
         config = {"peft_type": "UNILORA", **dataclasses.asdict(cfg)}
         config["base_model_name_or_path"] = _name_or_path(model)
@@ -275,20 +240,21 @@ def load_adapter(model: nn.Module, path, **overrides) -> nn.Module:
         raise ValueError(f"{where}: stored indices only exist for the uniform projection")
     bank = find_bank(model, required=False)
     if bank is None:
-        config = _as_config(config, {})
-        targets, features, D = plan(model, config)
-        index = None
-        if index_keys:
-            index = _index_from_checkpoint(index_keys, [n for n, _ in targets], features, config.r,
-                                           config.theta_d_length, D, where)
-        _check_bias_entries(bias_keys, _post_injection_names(model, targets), where)
-        from . import backends
+        config = as_config(config, {})
+        checked = {}
 
-        backends.resolve(config.requested_backend(), next(iter(targets[0][1].parameters())).device.type)
-        config = _fan_in_fan_out_checked(config, targets)
-        bank = build_layers(model, config, targets, features, D, index=index)
-        if index is not None:
-            bank.indices_from_seed = bool(np.array_equal(index, P.generate_index(D, config.theta_d_length, config.proj_seed)))
+        def index_for(targets, features, D):
+            _check_bias_entries(bias_keys, _post_injection_names(model, targets), where)
+            if not index_keys:
+                return None
+            checked["index"] = _index_from_checkpoint(index_keys, [n for n, _ in targets], features, config.r,
+                                                      config.theta_d_length, D, where)
+            return checked["index"]
+
+        bank = inject_planned(model, config, index_for)
+        if "index" in checked:
+            bank.indices_from_seed = bool(np.array_equal(
+                checked["index"], P.generate_index(bank.D, config.theta_d_length, config.proj_seed)))
     else:
         _check_same_adapter(model, bank, config, index_keys, where)
         _check_bias_entries(bias_keys, {n: tuple(p.shape) for n, p in model.named_parameters()}, where)
@@ -355,3 +321,65 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.merged = name in merged  # PEFT already added B A into these base weights
     return hf_model
 
+
+# --------------------------------------------------------------------------------------------
+# plain-LoRA export
+# --------------------------------------------------------------------------------------------
+def bias_state(model: nn.Module, bank: UniLoRABank) -> dict:
+    """PEFT's learnable-bias entries of the adapter state dict (names relative to the model)."""
+    if bank.config.bias == "none":
+        return {}
+    state = model.state_dict()
+    if bank.config.bias == "all":
+        return {k: v for k, v in state.items() if k == "bias" or k.endswith(".bias")}
+    keys = {f"{n}.base_layer.bias" for n, _ in iter_layers(model)}
+    return {k: v for k, v in state.items() if k in keys}
+
+
+def lora_config_dict(model: nn.Module, bank: UniLoRABank, names: list) -> dict:
+    fan_in_fan_out = Conv1D is not None and any(isinstance(l.base_layer, Conv1D) for _, l in iter_layers(model))
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": _name_or_path(model),
+        "revision": None,
+        "inference_mode": True,
+        "r": bank.config.r,
+        "lora_alpha": bank.config.r,  # scaling alpha / r = 1: Uni-LoRA has no alpha
+        "lora_dropout": 0.0,
+        "target_modules": names,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": bank.config.bias,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def _name_or_path(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+
+
+def export_lora(model: nn.Module, path: Optional[str] = None) -> dict:
+    """The equivalent plain-LoRA adapter: PEFT LoRA key names, ``lora_alpha = r``, fp32.
+
+    ``base_model.model.<layer>.lora_A.weight`` is A (r x in) and ``...lora_B.weight`` is B
+    (out x r), so any LoRA runtime serves the adapter. With ``path``, also writes a PEFT LoRA
+    adapter directory (adapter_config.json + adapter_model.safetensors) there.
+    """
+    bank = find_bank(model)
+    state, names = {}, []
+    for name, layer in iter_layers(model):
+        A, B = layer.lora_matrices()
+        state[f"base_model.model.{name}.lora_A.weight"] = A.float().cpu().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = B.float().cpu().contiguous()
+        names.append(name)
+    for key, value in bias_state(model, bank).items():
+        state[f"base_model.model.{key}"] = value.detach().cpu().contiguous()
+    if path is not None:
+        write_adapter_dir(path, lora_config_dict(model, bank, names), state)
+    return state
