@@ -6,9 +6,10 @@ stored between forward and backward; each backend regenerates the same bits.
 
 The generator is Philox4x32-10 exactly as ``triton.language.randint(seed, offset)`` computes it
 (int64 offsets: counter = (offset_lo, offset_hi, 0, 0), key = (seed_lo, seed_hi)); the C++/CUDA
-header ``csrc/philox.h`` implements the same function. The 31-bit value compared with the
-threshold is the int32 output folded to non-negative (``x < 0 ? ~x : x``), as ``tl.rand`` does
-before it scales to a float: comparing integers keeps the mask bit-identical across backends.
+header ``csrc/index_math.h`` implements the same function (``philox_randint``). The 31-bit value
+compared with the threshold is the int32 output folded to non-negative (``x < 0 ? ~x : x``), as
+``tl.rand`` does before it scales to a float: comparing integers keeps the mask bit-identical
+across backends.
 """
 
 from __future__ import annotations

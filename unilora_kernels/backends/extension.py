@@ -21,13 +21,12 @@ What runs where:
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from . import LayerProjection
-from .policy import DECODE_MAX_M, DECODE_MAX_R, deterministic
+from .policy import ACTIVATION_DTYPES, DECODE_MAX_M, DECODE_MAX_R, THETA_DTYPES, compute_dtype, deterministic
 
 try:  # importing the library registers torch.ops.unilora_C
     from .. import _C
@@ -77,21 +76,10 @@ def h_rows(device_type: str, M: int) -> int:
 def prefer_cuda_kernels(M: int, in_f: int, out_f: int, r: int) -> bool:
     """Whether the ``cuda`` kernels should run a layer of this shape rather than the Triton backend.
 
-    Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3, bf16, r = 4): at M = 1 the cuda
-    path took 0.118 / 0.122 / 0.072 ms against Triton's 0.341 / 0.282 / 0.282 ms (1024^2,
-    4096^2, 4096x11008), at M = 16 0.256 / 0.248 / 0.156 against 0.549 / 0.578 / 0.455. Why:
-
-    * M <= 16 (decode): the layer moves well under 1 MB (r*(in+out) indices and theta_d reads,
-      M*(in+2*out) activations), i.e. < 0.5 us of HBM time on an A100/H100, so its cost is the
-      number of launches times the launch latency (~3-5 us each) plus the host-side launch
-      overhead. The fused decode kernel is one launch from C++; the Triton path launches from
-      Python (tens of us of host time per launch) and at least one kernel. -> CUDA kernels.
-    * M > 16: the work is bandwidth-bound on x (read once) and the output (read and written
-      once) in both backends, and the `cuda` path adds a gather launch and materialises A and B
-      before cuBLAS, while Triton fuses the gather into its tiles. -> Triton. (Measured: above 16
-      rows the two are within ~15% either way; cuda was the faster in training at M = 8192.)
-    * r > 64 is outside the decode kernel (its registers hold M x 4 partial sums per thread and
-      h lives in shared memory), so `cuda` would use cuBLAS: -> Triton.
+    Decode-sized calls (M <= DECODE_MAX_M, r <= DECODE_MAX_R) cost launches, not bandwidth: the
+    fused decode kernel is one launch from C++, the Triton path launches from Python. Larger calls
+    are bandwidth-bound, and Triton fuses the gather into its tiles where ``cuda`` materialises A
+    and B before cuBLAS. The H100 measurements behind this are in docs/PERF.md.
     """
     return 0 < M <= DECODE_MAX_M and r <= DECODE_MAX_R
 
@@ -99,15 +87,11 @@ def prefer_cuda_kernels(M: int, in_f: int, out_f: int, r: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # fake kernels and autograd of the C++ ops
 # --------------------------------------------------------------------------------------------
-def _compute_dtype(*dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 if _C is not None:
 
     @torch.library.register_fake("unilora_C::forward_")
     def _forward_fake(out, x, theta, scales, idx_a, idx_b, r, hashed, p, seed):
-        return x.new_empty((x.shape[0], r), dtype=_compute_dtype(x.dtype, theta.dtype))
+        return x.new_empty((x.shape[0], r), dtype=compute_dtype(x.dtype, theta.dtype))
 
     @torch.library.register_fake("unilora_C::backward")
     def _backward_fake(g, x, theta, scales, idx_a, idx_b, r, hashed, p, seed, h, grad_x, need_x, need_theta,
@@ -128,7 +112,7 @@ if _C is not None:
     def _linear_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed):
         out_f = weight.shape[1] if weight_t else weight.shape[0]
         return x.new_empty((x.shape[0], out_f)), x.new_empty((h_rows(x.device.type, x.shape[0]), r),
-                                                             dtype=_compute_dtype(x.dtype, theta.dtype))
+                                                             dtype=compute_dtype(x.dtype, theta.dtype))
 
     @torch.library.register_fake("unilora_C::linear_autograd")
     def _linear_autograd_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed, det):
@@ -187,14 +171,11 @@ if _C is not None:
 # --------------------------------------------------------------------------------------------
 # the backend contract
 # --------------------------------------------------------------------------------------------
-_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check(x: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, other: torch.Tensor, other_name: str):
     """TypeError/ValueError for what Python can see cheaply; the C++ ops check the rest."""
-    if x.dtype not in _X_DTYPES or other.dtype not in _X_DTYPES:
+    if x.dtype not in ACTIVATION_DTYPES or other.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"x and {other_name} must be float16/bfloat16/float32/float64, got {x.dtype} and {other.dtype}")
-    if theta.dtype not in (torch.float32, torch.float64):
+    if theta.dtype not in THETA_DTYPES:
         raise TypeError(f"theta_d must be float32 (float64 for gradcheck), got {theta.dtype}")
     if x.dim() != 2 or x.shape[1] != proj.in_features:
         raise ValueError(f"x must be (M, {proj.in_features}), got {tuple(x.shape)}")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from .. import philox, projection
-from . import LayerProjection
+from . import LayerProjection, policy
 
 ROW_CHUNK = 4096  # rows per step when a low-precision output needs an fp32 product first
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return policy.compute_dtype(*(t.dtype for t in tensors))
 
 
 def flat_indices(proj: LayerProjection, d: int, device) -> torch.Tensor:
