@@ -79,7 +79,7 @@ def parse_args(argv=None):
                         "more gives steadier ratios on a noisy machine")
     p.add_argument("--system-malloc", action="store_true",
                    help="CPU: keep glibc's default malloc settings (by default the run stops malloc from "
-                        "returning freed memory to the OS between calls; see README, Benchmarks)")
+                        "returning freed memory to the OS between calls; see docs/PERF.md)")
     p.add_argument("--cpu-gflop-budget", type=float, default=None,
                    help="skip CPU configs whose training step needs more GFLOP than this")
     return p.parse_args(argv)
@@ -101,10 +101,13 @@ def output_dir(args, device) -> str:
     if os.path.exists(env_file):
         with open(env_file, encoding="utf-8") as fh:
             previous = json.load(fh)
-        try:
-            previous_partial = previous.get("partial", bool(partial_options(parse_args(previous.get("argv", [])))))
-        except SystemExit:  # recorded by a version with other options: leave it alone
-            previous_partial = False
+        if "partial" in previous:
+            previous_partial = previous["partial"]
+        else:  # written before env.json recorded it: judge by the options it ran with
+            try:
+                previous_partial = bool(partial_options(parse_args(previous.get("argv", []))))
+            except SystemExit:  # options this version does not know: treat it as a full run
+                previous_partial = False
         if not previous_partial:
             raise ValueError(f"{out} holds the results of a full run; a partial run "
                              f"({' '.join(partial_options(args))}) does not replace them: pick another --out")

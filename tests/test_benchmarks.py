@@ -176,5 +176,7 @@ def test_a_partial_run_never_replaces_a_full_runs_results(tmp_path, monkeypatch,
     assert run.main(["--candidates", "base", "--no-model", "--out", str(full), *TINY]) == 2
     assert "holds the results of a full run" in capsys.readouterr().err
     assert (full / "layer.csv").read_text() == "full results\n"
-    # a full run keeps the default directory
-    assert run.output_dir(run.parse_args(["--cpu", "--threads", "2"]), torch.device("cpu")) == str(full)
+    # a full run keeps the default directory; the next partial run replaces the last partial one
+    cpu = torch.device("cpu")
+    assert run.output_dir(run.parse_args(["--cpu", "--threads", "2"]), cpu) == str(full)
+    assert run.output_dir(run.parse_args(["--quick"]), cpu) == str(full / "partial")
