@@ -2,7 +2,7 @@
 """Benchmarks of unilora_kernels against the naive PyTorch projection (PEFT's Uni-LoRA layer).
 
     python benchmarks/run.py                          # the full run on this machine (GPU if present)
-    python benchmarks/run.py --quick                  # a few minutes: one shape, three batch sizes
+    python benchmarks/run.py --quick                  # a minute or two: one shape, three batch sizes
     python benchmarks/run.py --candidates base naive unilora[cpu]   # time only these
     python benchmarks/run.py --out DIR                # results go to DIR
 
