@@ -22,6 +22,19 @@ def read_version() -> str:
         return re.search(r'__version__ = "([^"]+)"', fh.read()).group(1)
 
 
+def read_decode_limits() -> dict:
+    """DECODE_MAX_M / DECODE_MAX_R of unilora_kernels/backends/policy.py, their one definition."""
+    with open(os.path.join(ROOT, "unilora_kernels", "backends", "policy.py"), encoding="utf-8") as fh:
+        text = fh.read()
+    limits = {}
+    for name in ("DECODE_MAX_M", "DECODE_MAX_R"):
+        found = re.search(rf"^{name} = (\d+)$", text, re.MULTILINE)
+        if found is None:
+            raise RuntimeError(f"unilora_kernels/backends/policy.py has no line `{name} = <integer>`")
+        limits[name] = found.group(1)
+    return limits
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -48,7 +61,8 @@ def extension_modules():
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
     # No -std flag: torch's cpp_extension adds the standard its headers need (C++17 or C++20).
     cxx = ["-O3"]
-    define_macros = []
+    # define_macros reach both cxx and nvcc.
+    define_macros = [("UNILORA_" + name, value) for name, value in read_decode_limits().items()]
     if use_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs

@@ -26,7 +26,7 @@ struct ProjView {
   int32_t d;
   bool hashed;
   int32_t offset;  // hashed: position of A[0, 0] in theta_D (< 2^31)
-  HashedProjection hp;
+  HashedProjection hash;
 };
 
 inline ProjView make_view(const Projection& pj) {
@@ -39,7 +39,7 @@ inline ProjView make_view(const Projection& pj) {
   v.n = static_cast<int32_t>(pj.numel());
   v.d = static_cast<int32_t>(pj.d);
   v.offset = static_cast<int32_t>(pj.offset);
-  v.hp = pj.hp;
+  v.hash = pj.hash;
   return v;
 }
 
@@ -47,8 +47,8 @@ inline ProjView make_view(const Projection& pj) {
 // as in PyTorch's own index kernels (the host cannot check without reading the whole table).
 __device__ __forceinline__ int32_t lookup(const ProjView& p, int32_t i, float* scale) {
   if (p.hashed) {
-    const int32_t j = static_cast<int32_t>(hashed_index(static_cast<int64_t>(p.offset) + i, p.hp));
-    *scale = __ldg(p.scales + (j < p.hp.rem ? 1 : 0));
+    const int32_t j = static_cast<int32_t>(hashed_index(static_cast<int64_t>(p.offset) + i, p.hash));
+    *scale = __ldg(p.scales + (j < p.hash.rem ? 1 : 0));
     return j;
   }
   const int32_t j = i < p.na ? __ldg(p.ia + i) : __ldg(p.ib + (i - p.na));

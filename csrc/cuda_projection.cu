@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) scatter_sorted_kernel(ProjView p, co
   for (int32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < p.n; t += gridDim.x * blockDim.x) {
     const int32_t j = sorted_j[t];
     if (t > 0 && sorted_j[t - 1] == j) continue;  // not the head of its run
-    const acc_t s = static_cast<acc_t>(p.hashed ? __ldg(p.scales + (j < p.hp.rem ? 1 : 0)) : __ldg(p.scales + j));
+    const acc_t s = static_cast<acc_t>(p.hashed ? __ldg(p.scales + (j < p.hash.rem ? 1 : 0)) : __ldg(p.scales + j));
     grad_t g = grad[j];
     for (int32_t u = t; u < p.n && sorted_j[u] == j; ++u) {
       const int32_t i = static_cast<int32_t>(order[u]);
@@ -110,10 +110,10 @@ __global__ void __launch_bounds__(kThreads) masked_add_kernel(D* __restrict__ ds
 
 __global__ void __launch_bounds__(kThreads) hashed_index_kernel(const int64_t* __restrict__ pos,
                                                                 int64_t* __restrict__ out, int64_t n,
-                                                                HashedProjection hp) {
+                                                                HashedProjection hash) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[e] = hashed_index(pos[e], hp);
+    out[e] = hashed_index(pos[e], hash);
   }
 }
 
@@ -217,13 +217,13 @@ at::Tensor scatter_cuda(const at::Tensor& dA, const at::Tensor& dB, const Projec
   return grad;
 }
 
-at::Tensor hashed_index_cuda(const at::Tensor& positions, const HashedProjection& hp) {
+at::Tensor hashed_index_cuda(const at::Tensor& positions, const HashedProjection& hash) {
   const c10::cuda::CUDAGuard guard(positions.device());
   at::Tensor out = at::empty_like(positions);
   if (positions.numel() == 0) return out;
   cuda::hashed_index_kernel<<<cuda::grid_for(positions.numel(), cuda::kThreads), cuda::kThreads, 0,
                               at::cuda::getCurrentCUDAStream()>>>(positions.data_ptr<int64_t>(),
-                                                                 out.data_ptr<int64_t>(), positions.numel(), hp);
+                                                                 out.data_ptr<int64_t>(), positions.numel(), hash);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -44,17 +44,17 @@ inline uint32_t feistel_half_bits(int64_t D) {
 }
 
 inline HashedProjection make_hashed_projection(int64_t D, int64_t d, int64_t key) {
-  HashedProjection hp;
-  hp.D = D;
-  hp.d = d;
-  hp.rem = D % d;
-  hp.half = feistel_half_bits(D);
+  HashedProjection hash;
+  hash.D = D;
+  hash.d = d;
+  hash.rem = D % d;
+  hash.half = feistel_half_bits(D);
   const uint64_t k = static_cast<uint64_t>(key);
   const uint32_t lo = static_cast<uint32_t>(k), hi = static_cast<uint32_t>(k >> 32);
   for (uint32_t r = 0; r < kFeistelRounds; ++r) {
-    hp.keys[r] = ((r % 2 == 0) ? lo : hi) ^ (kFeistelKeySalt * (r + 1));  // uint32 wrap, as & MASK32
+    hash.keys[r] = ((r % 2 == 0) ? lo : hi) ^ (kFeistelKeySalt * (r + 1));  // uint32 wrap, as & MASK32
   }
-  return hp;
+  return hash;
 }
 
 UNILORA_HD uint32_t feistel_round(uint32_t x, uint32_t k, uint32_t half_mask) {
@@ -67,29 +67,29 @@ UNILORA_HD uint32_t feistel_round(uint32_t x, uint32_t k, uint32_t half_mask) {
 }
 
 // One pass of the keyed bijection of [0, 4**half); half <= 16, so everything fits in uint32.
-UNILORA_HD uint32_t feistel_permute(uint32_t v, const HashedProjection& hp) {
-  const uint32_t half_mask = (1u << hp.half) - 1u;
-  uint32_t left = v >> hp.half, right = v & half_mask;
+UNILORA_HD uint32_t feistel_permute(uint32_t v, const HashedProjection& hash) {
+  const uint32_t half_mask = (1u << hash.half) - 1u;
+  uint32_t left = v >> hash.half, right = v & half_mask;
 UNILORA_UNROLL
   for (uint32_t r = 0; r < kFeistelRounds; ++r) {
-    const uint32_t next = left ^ feistel_round(right, hp.keys[r], half_mask);
+    const uint32_t next = left ^ feistel_round(right, hash.keys[r], half_mask);
     left = right;
     right = next;
   }
-  return (left << hp.half) | right;
+  return (left << hash.half) | right;
 }
 
 // theta_d index of theta_D position i (0 <= i < D); cycle-walking keeps pi inside [0, D).
 // (32-bit remainder: v < 2^32 and d < 2^31; a 64-bit one is a slow subroutine call on GPUs.)
-UNILORA_HD int64_t hashed_index(int64_t i, const HashedProjection& hp) {
-  uint32_t v = feistel_permute(static_cast<uint32_t>(i), hp);
-  while (static_cast<int64_t>(v) >= hp.D) v = feistel_permute(v, hp);
-  return static_cast<int64_t>(v % static_cast<uint32_t>(hp.d));
+UNILORA_HD int64_t hashed_index(int64_t i, const HashedProjection& hash) {
+  uint32_t v = feistel_permute(static_cast<uint32_t>(i), hash);
+  while (static_cast<int64_t>(v) >= hash.D) v = feistel_permute(v, hash);
+  return static_cast<int64_t>(v % static_cast<uint32_t>(hash.d));
 }
 
 // Scale of column j: scales2 = [s(D // d), s(D // d + 1)].
-UNILORA_HD float hashed_scale(int64_t j, const HashedProjection& hp, float s0, float s1) {
-  return j < hp.rem ? s1 : s0;
+UNILORA_HD float hashed_scale(int64_t j, const HashedProjection& hash, float s0, float s1) {
+  return j < hash.rem ? s1 : s0;
 }
 
 // ---- dropout: Philox4x32-10 as triton's tl.randint(seed, int64 offset) ----

@@ -60,7 +60,7 @@ Projection make_projection(int64_t d, const at::Tensor& scales, const at::Tensor
     TORCH_CHECK(scales.numel() == 2, "unilora: the hashed projection takes 2 scales, got ", scales.numel());
     pj.hashed = true;
     pj.offset = offset;
-    pj.hp = make_hashed_projection(D, d, hashed[2]);
+    pj.hash = make_hashed_projection(D, d, hashed[2]);
     return pj;
   }
   TORCH_CHECK(scales.numel() == d, "unilora: scales has ", scales.numel(), " entries but theta_d has d = ", d);
@@ -269,13 +269,13 @@ HashedProjection test_hashed_projection(const at::Tensor& positions, int64_t D, 
 }
 
 at::Tensor hashed_index_op_cpu(const at::Tensor& positions, int64_t D, int64_t d, int64_t key) {
-  const HashedProjection hp = test_hashed_projection(positions, D, d, key);
+  const HashedProjection hash = test_hashed_projection(positions, D, d, key);
   at::Tensor pos = positions.contiguous();
   at::Tensor out = at::empty_like(pos);
   const int64_t* src = pos.data_ptr<int64_t>();
   int64_t* dst = out.data_ptr<int64_t>();
   at::parallel_for(0, pos.numel(), 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) dst[i] = hashed_index(src[i], hp);
+    for (int64_t i = b; i < e; ++i) dst[i] = hashed_index(src[i], hash);
   });
   return out;
 }

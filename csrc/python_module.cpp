@@ -6,6 +6,7 @@
 #include <torch/version.h>
 
 #include "cpu_simd.h"
+#include "decode_limits.h"
 
 #ifndef UNILORA_CUDA_ARCHS
 #define UNILORA_CUDA_ARCHS ""
@@ -35,15 +36,18 @@ PyObject* build_metadata(PyObject*, PyObject*) {
   // cpu_simd_isa: the widest ISA they use ("avx512", "avx2" or "none").
   const bool simd = unilora::simd::available();
   const char* isa = unilora::simd::avx512() ? "avx512" : (simd ? "avx2" : "none");
-  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:O,s:s,s:s,s:s}", "cuda", cuda ? Py_True : Py_False, "archs", archs,
-                                "openmp", openmp ? Py_True : Py_False, "cpu_simd", simd ? Py_True : Py_False,
-                                "cpu_simd_isa", isa, "torch_version", TORCH_VERSION, "ops", "unilora_C");
+  // decode_max_m / decode_max_r: the decode limits compiled in (policy.py's at build time).
+  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:O,s:s,s:s,s:s,s:L,s:L}", "cuda", cuda ? Py_True : Py_False, "archs",
+                                archs, "openmp", openmp ? Py_True : Py_False, "cpu_simd", simd ? Py_True : Py_False,
+                                "cpu_simd_isa", isa, "torch_version", TORCH_VERSION, "ops", "unilora_C",
+                                "decode_max_m", static_cast<long long>(unilora::kDecodeMaxM), "decode_max_r",
+                                static_cast<long long>(unilora::kDecodeMaxR));
   return out;
 }
 
 PyMethodDef methods[] = {
     {"build_metadata", build_metadata, METH_NOARGS,
-     "What this extension was built with: CUDA kernels and their archs, OpenMP, torch version."},
+     "What this extension was built with: CUDA kernels and their archs, OpenMP, SIMD, torch version, decode limits."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include "decode_limits.h"
 #include "index_math.h"
 
 namespace unilora {
@@ -15,8 +16,8 @@ struct Projection {
   at::Tensor idx_a, idx_b;  // int32 contiguous (r, in) and (out, r); empty when hashed
   int64_t r = 0, in_f = 0, out_f = 0, d = 0;
   bool hashed = false;
-  int64_t offset = 0;  // hashed: position of A[0, 0] in theta_D
-  HashedProjection hp;
+  int64_t offset = 0;     // hashed: position of A[0, 0] in theta_D
+  HashedProjection hash;  // hashed: the Feistel parameters of hashed_index
 
   int64_t numel_a() const { return r * in_f; }
   int64_t numel() const { return r * (in_f + out_f); }
@@ -35,7 +36,7 @@ void check_forward(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
 void check_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
                     const at::Tensor& h, const c10::optional<at::Tensor>& grad_x, bool h_may_be_empty);
 
-// ---- CPU (cpu_kernels.cpp) ----
+// ---- CPU (cpu_*.cpp; cpu_common.h lists which file does what) ----
 at::Tensor forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
                        const Dropout& dr);
 // (deterministic is ignored: the CPU scatter is serial, hence always deterministic.)
@@ -89,11 +90,8 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cuda(const at::Tensor& g, con
                                                         const at::Tensor& w, bool weight_t, const at::Tensor& theta,
                                                         const Projection& pj, const Dropout& dr, const at::Tensor& h,
                                                         bool need_x, bool need_theta, bool deterministic);
-at::Tensor hashed_index_cuda(const at::Tensor& positions, const HashedProjection& hp);
+at::Tensor hashed_index_cuda(const at::Tensor& positions, const HashedProjection& hash);
 at::Tensor philox_randint_cuda(const at::Tensor& offsets, uint64_t seed);
-// Largest M the fused decode kernel takes, and the largest r.
-constexpr int64_t kDecodeMaxM = 16;
-constexpr int64_t kDecodeMaxR = 64;
 #endif
 
 }  // namespace unilora

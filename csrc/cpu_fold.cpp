@@ -1,0 +1,65 @@
+// Folding the update into the base weight on CPU: W' = W + B A, for the fused linear at large M.
+#include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
+
+#include "cpu_common.h"
+#include "cpu_simd.h"
+
+namespace unilora {
+namespace cpu {
+namespace {
+
+// Weights over this many bytes get a fresh buffer (their GEMM dwarfs the page faults); the
+// buffer kept is at most that large, one per thread that folds.
+constexpr int64_t kMaxFoldScratch = int64_t(64) << 20;
+constexpr int64_t kFoldMaxR = 16;  // above this the fold's r multiply-adds per element favour a GEMM
+
+// A (P x Q) buffer for W + B A, contiguous, valid until this thread's next fold. Reused because
+// a fresh layer-sized allocation comes from mmap and every page of it faults on first touch.
+at::Tensor fold_scratch(const at::Tensor& w) {
+  const int64_t n = w.numel();
+  if (n * static_cast<int64_t>(w.element_size()) > kMaxFoldScratch) return at::empty(w.sizes(), w.options());
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.scalar_type() != w.scalar_type() || buf.numel() < n) {
+    buf = at::Tensor();  // release the old one first
+    buf = at::empty({n}, w.options());
+  }
+  return buf.narrow(0, 0, n).view(w.sizes());
+}
+
+}  // namespace
+
+// Both give x W'^T up to fp32 rounding; folding moves 2*in*out elements (read W, write W')
+// instead of M*(in + 2*out) (read x, read and write the output), so it wins once
+// M >= max(in, out). fp32/fp64 only (a bf16 W' would round the update away) and never with
+// dropout (the mask applies to the adapter's input only).
+bool fold_into_weight(int64_t M, const at::Tensor& x, const at::Tensor& w, at::ScalarType cd, const Dropout& dr,
+                      const Projection& pj) {
+  return !dr.active && x.scalar_type() == cd && w.scalar_type() == cd && M >= std::max(pj.in_f, pj.out_f);
+}
+
+// One streaming pass (simd::fold_rows) where addmm with K = r is several times slower and
+// needs a copy of W; the GEMM for r > kFoldMaxR or a strided weight.
+at::Tensor folded_weight(const at::Tensor& w, bool weight_t, const at::Tensor& A, const at::Tensor& B) {
+  RECORD_FUNCTION("unilora_cpu::fold", std::vector<c10::IValue>());  // a named range in torch.profiler
+  const int64_t r = A.size(0);
+  if (r > kFoldMaxR || w.stride(1) != 1) return weight_t ? at::addmm(w, A.t(), B.t()) : at::addmm(w, B, A);
+  at::Tensor out = fold_scratch(w);
+  // row p of the result: w[p] + sum_k s[p, k] R[k]; Linear: s = B, R = A; Conv1D: s = A^T, R = B^T
+  const at::Tensor R = weight_t ? B.t().contiguous() : A;
+  const int64_t P = w.size(0), Q = w.size(1), s_rs = weight_t ? 1 : r, s_cs = weight_t ? A.size(1) : 1;
+  const at::Tensor& S = weight_t ? A : B;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "unilora_fold", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* sp = S.data_ptr<scalar_t>();
+    const scalar_t* rp = R.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, P, std::max<int64_t>(1, kGrain / Q), [&](int64_t p0, int64_t p1) {
+      simd::fold_rows(wp, w.stride(0), sp, s_rs, s_cs, rp, r, Q, op, Q, p0, p1);
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace unilora
