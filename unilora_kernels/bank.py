@@ -54,15 +54,14 @@ class UniLoRABank:
             self.key = P.splitmix64(config.proj_seed)
             scales = P.hashed_scales(D, d)
         self.indices_from_seed = True
-        self._scales_init = scales
+        self._exact_scales = scales  # fp32 on CPU (d floats): the table restored after a cast of the owner
 
     def attach(self, theta: torch.Tensor | nn.Parameter, device=None) -> None:
         """Register theta_d and the scale table on the owner (once)."""
         param = theta if isinstance(theta, nn.Parameter) else nn.Parameter(theta)
         self.owner.register_parameter(THETA_NAME, param)
-        scales = self._scales_init if device is None else self._scales_init.to(device)
+        scales = self._exact_scales if device is None else self._exact_scales.to(device)
         self.owner.register_buffer(SCALES_NAME, scales, persistent=False)
-        del self._scales_init
 
     @property
     def theta_d(self) -> nn.Parameter:
@@ -70,7 +69,13 @@ class UniLoRABank:
 
     @property
     def scales(self) -> torch.Tensor:
-        return getattr(self.owner, SCALES_NAME)
+        """The fp32 scale table on the owner's device. ``model.half()`` or ``.to(dtype)`` casts it
+        like any float buffer; it is then put back exactly, once, from the bank's own copy."""
+        table = getattr(self.owner, SCALES_NAME)
+        if table.dtype != torch.float32:
+            table = self._exact_scales.to(table.device)
+            setattr(self.owner, SCALES_NAME, table)
+        return table
 
     def hashed_args(self, offset: int) -> list:
         return [] if self.projection == "uniform" else [self.D, offset, self.key]

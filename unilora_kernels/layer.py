@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import backends, ops, philox
+from .backends import policy
 from .bank import UniLoRABank, init_theta
 from .config import UniLoRAConfig, requested_backend
 
@@ -148,7 +149,7 @@ class UniLoRALinear(nn.Module):
 
     def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense fp32 A (r x in) and B (out x r) of this layer (for merge, export, inspection)."""
-        theta = self.theta_d.detach()
+        theta = policy.theta_for_kernels(self.theta_d.detach())
         proj = self.projection(theta.device)
         impl = backends.get_backend(self.resolved_backend(theta.device.type), theta.device.type)
         return impl.lora_matrices(theta, proj)
@@ -195,7 +196,7 @@ class UniLoRALinear(nn.Module):
             return base(x, *args, **kwargs)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
-        theta = self.theta_d
+        theta = policy.theta_for_kernels(self.theta_d)
         if theta.device != x.device:
             theta = theta.to(x.device)
         scales = self.bank.scales
@@ -207,16 +208,15 @@ class UniLoRALinear(nn.Module):
         backend = backends.resolve(self.requested_backend(), x.device.type, shape)
         u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed,
                            backend)
-        if self._fusable_base and not args and not kwargs and self._can_fuse(x):
-            # Eager mode calls the op's bodies without the custom op's Python dispatch, which costs
-            # as much as a decode step (docs/PERF.md); torch.compile traces the custom op.
-            if torch.compiler.is_compiling():
-                out, _ = torch.ops.unilora.linear(x, base.weight, base.bias, self._weight_t, *u)
-            elif _needs_grad(x, theta, base):
-                out = ops.linear_train(x, base.weight, base.bias, self._weight_t, u)
-            else:
-                out, _ = ops.linear_forward(x, base.weight, base.bias, self._weight_t, *u)
-            return out
+        if self._fusable_base and not args and not kwargs and not _has_hooks(base) and x.device == base.weight.device:
+            weight, bias = base.weight, base.bias
+            if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype):
+                # What autocast does to nn.Linear / Conv1D (linear, addmm): every operand in its dtype.
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            if x.dtype == weight.dtype:
+                return self._fused_linear(x, weight, bias, theta, u)
         base_out = base(x, *args, **kwargs)
         if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
             raise ValueError(f"base layer returned shape {tuple(base_out.shape)} for input {tuple(x.shape)}")
@@ -229,14 +229,15 @@ class UniLoRALinear(nn.Module):
         out, _ = torch.ops.unilora.add_update(base_out, x, *u)
         return out
 
-    def _can_fuse(self, x: torch.Tensor) -> bool:
-        base = self.base_layer
-        return (
-            x.dtype == base.weight.dtype
-            and x.device == base.weight.device
-            and not torch.is_autocast_enabled(x.device.type)
-            and not _has_hooks(base)
-        )
+    def _fused_linear(self, x, weight, bias, theta, u: ops.UpdateArgs) -> torch.Tensor:
+        """Base GEMM and update in one op. Eager mode calls the op's bodies without the custom op's
+        Python dispatch, which costs as much as a decode step (docs/PERF.md); torch.compile traces
+        the custom op."""
+        if torch.compiler.is_compiling():
+            return torch.ops.unilora.linear(x, weight, bias, self._weight_t, *u)[0]
+        if _needs_grad(x, theta, weight, bias):
+            return ops.linear_train(x, weight, bias, self._weight_t, u)
+        return ops.linear_forward(x, weight, bias, self._weight_t, *u)[0]
 
     def extra_repr(self) -> str:
         try:
@@ -258,11 +259,10 @@ def _param_device(module: nn.Module):
     return torch.device("cpu")
 
 
-def _needs_grad(x: torch.Tensor, theta: torch.Tensor, base: nn.Module) -> bool:
+def _needs_grad(x: torch.Tensor, theta: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     if not torch.is_grad_enabled():
         return False
-    bias = getattr(base, "bias", None)
-    return x.requires_grad or theta.requires_grad or base.weight.requires_grad or (
+    return x.requires_grad or theta.requires_grad or weight.requires_grad or (
         isinstance(bias, torch.Tensor) and bias.requires_grad)
 
 

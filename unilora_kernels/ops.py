@@ -343,7 +343,8 @@ def check_inputs(x: Tensor, out_features: int, u: UpdateArgs) -> None:
     theta_d, scales, idx_a, idx_b, r, hashed = u.theta_d, u.scales, u.idx_a, u.idx_b, u.r, u.hashed
     if not isinstance(theta_d, Tensor) or theta_d.dim() != 1 or theta_d.dtype not in policy.THETA_DTYPES:
         raise TypeError(
-            "theta_d must be a 1-D float32 tensor (float64 for gradcheck), got "
+            "theta_d must be a 1-D float tensor (float32; float64 for gradcheck; float16/bfloat16 are read in "
+            "float32), got "
             f"{getattr(theta_d, 'dtype', type(theta_d))} of shape {tuple(getattr(theta_d, 'shape', ()))}"
         )
     if not isinstance(r, int) or r <= 0:
@@ -400,6 +401,8 @@ def update_args(x: Tensor, out_features: int, theta_d: Tensor, scales: Tensor, i
         if hashed:
             raise ValueError("r must be given for the hashed projection")
         r = idx_a.shape[0]
+    if isinstance(theta_d, Tensor):
+        theta_d = policy.theta_for_kernels(theta_d)
     u = UpdateArgs(theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
     check_inputs(x, out_features, u)
     return u._replace(backend=backends.resolve(backend, x.device.type, (rows(x), x.shape[-1], out_features, r)))

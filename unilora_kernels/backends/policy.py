@@ -31,6 +31,14 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def theta_for_kernels(theta: torch.Tensor) -> torch.Tensor:
+    """theta_d as the kernels read it: fp32/fp64 as it is; fp16/bf16 (a model cast with ``.half()``
+    or ``.to(dtype)``) upcast to fp32 by a differentiable cast, so its gradient arrives in its own dtype."""
+    if theta.dtype in THETA_DTYPES or not theta.is_floating_point():
+        return theta  # a non-float theta is refused by the ops' checks, with its dtype named
+    return theta.float()
+
+
 def env_flag(name: str, default: bool) -> bool:
     """A boolean environment knob; an unrecognised value is a ValueError naming the variable."""
     raw = os.environ.get(name)
