@@ -162,23 +162,23 @@ class UniLoRALinear(nn.Module):
 
     def merge(self) -> None:
         """Add ``B A`` into the base weight; forward then runs the base layer alone."""
-        if self.merged:
-            warnings.warn("UniLoRALinear.merge(): already merged, nothing to do", stacklevel=2)
-            return
-        weight = self._dense_weight("merge")
-        with torch.no_grad():
-            weight.add_(self.delta_weight().to(device=weight.device, dtype=weight.dtype))
-        self.merged = True
+        self._fold_delta(merge=True)
 
     def unmerge(self) -> None:
         """Subtract ``B A`` from the base weight again (exact up to the weight dtype's rounding)."""
-        if not self.merged:
-            warnings.warn("UniLoRALinear.unmerge(): not merged, nothing to do", stacklevel=2)
+        self._fold_delta(merge=False)
+
+    def _fold_delta(self, merge: bool) -> None:
+        what = "merge" if merge else "unmerge"
+        if self.merged == merge:
+            state = "already merged" if merge else "not merged"
+            warnings.warn(f"UniLoRALinear.{what}(): {state}, nothing to do", stacklevel=3)
             return
-        weight = self._dense_weight("unmerge")
+        weight = self._dense_weight(what)
+        delta = self.delta_weight().to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            weight.sub_(self.delta_weight().to(device=weight.device, dtype=weight.dtype))
-        self.merged = False
+            weight.add_(delta if merge else -delta)
+        self.merged = merge
 
     def _dense_weight(self, what: str) -> torch.Tensor:
         weight = getattr(self.base_layer, "weight", None)
