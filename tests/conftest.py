@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler (memory tests) quiet
 
@@ -15,6 +17,35 @@ if not HAS_CUDA:
     # No GPU: the Triton backend runs on CPU tensors through the interpreter, which must be on
     # before unilora_kernels.triton_kernels is imported (an explicit TRITON_INTERPRET=0 wins).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def installed_package_problem():
+    """Why the unilora_kernels on sys.path cannot run the suite (None when it can).
+
+    The source tree has neither the compiled extension nor unilora_kernels/triton_kernels (both
+    exist only in the installed layout): the cpu and triton backends would report unavailable
+    and their tests would skip without a word. Checked on the files, before anything imports triton.
+    """
+    spec = importlib.util.find_spec("unilora_kernels")
+    if spec is None or not spec.submodule_search_locations:
+        return "unilora_kernels is not importable"
+    package = Path(list(spec.submodule_search_locations)[0])
+    missing = []
+    if not any(package.glob("_C.*")):
+        missing.append("the compiled extension (_C)")
+    if not (package / "triton_kernels" / "__init__.py").exists():
+        missing.append("triton_kernels/")
+    if not missing:
+        return None
+    return (f"the unilora_kernels found at {package} lacks {' and '.join(missing)}: it is the source "
+            "tree (plain `pytest` puts it first on sys.path) or a broken install. Run `bash scripts/test.sh`, "
+            "or `pip install --no-build-isolation .` and then `python -P -m pytest`.")
+
+
+def pytest_configure(config):
+    problem = installed_package_problem()
+    if problem:
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_collection_modifyitems(config, items):
