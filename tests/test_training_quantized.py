@@ -99,11 +99,6 @@ def test_bitsandbytes_nf4_base(device):
 # --------------------------------------------------------------------------------------------
 # torchao int8 weight-only
 # --------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    raises=NotImplementedError, strict=False,
-    reason="UniLoRALinear sends an nn.Linear whose weight is a torchao tensor subclass down the fused path, "
-           "which torchao cannot dispatch; layer._fusable must also require a plain-tensor weight",
-)
 def test_torchao_int8_weight_only_base():
     if importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao is not installed (pip install 'unilora_kernels[quant]')")

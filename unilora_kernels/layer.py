@@ -39,6 +39,10 @@ def _fusable(base: nn.Module) -> bool:
     return type(base) is nn.Linear or (Conv1D is not None and type(base) is Conv1D)
 
 
+# A quantised weight (e.g. torchao's tensor subclasses in an nn.Linear) runs through base(x).
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 def _conv1d_layout(base: nn.Module) -> bool:
     """Whether the base stores its weight as (in, out), as transformers' Conv1D does."""
     return Conv1D is not None and isinstance(base, Conv1D)
@@ -208,7 +212,8 @@ class UniLoRALinear(nn.Module):
         backend = backends.resolve(self.requested_backend(), x.device.type, shape)
         u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed,
                            backend)
-        if self._fusable_base and not args and not kwargs and not _has_hooks(base) and x.device == base.weight.device:
+        if (self._fusable_base and not args and not kwargs and type(base.weight) in _PLAIN_TENSORS
+                and x.device == base.weight.device and not _has_hooks(base)):
             weight, bias = base.weight, base.bias
             if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype):
                 # What autocast does to nn.Linear / Conv1D (linear, addmm): every operand in its dtype.
