@@ -1,7 +1,8 @@
 """torch.compile (default mode, inductor) of a whole training step matches eager on the tiny LLaMA.
 
-The step is forward, loss, backward and the optimizer step in one compiled function; the
-adapted layers run the cpu backend's custom ops inside the graph. Tolerance: inductor fuses and
+The step is forward, loss, backward and the optimizer step in one compiled function; Dynamo
+breaks it where it always does (``loss.backward()``, ``zero_grad``), so three graphs run compiled:
+forward + loss (with the cpu backend's custom ops inside), its AOTAutograd backward, and AdamW. Tolerance: inductor fuses and
 reorders the base model's float32 arithmetic (RMSNorm, softmax, the loss), so losses and theta_d
 agree to rtol 1e-5 / atol 1e-6 after three AdamW steps, not bit for bit. No dropout: inductor
 draws random numbers with its own generator unless fallback_random is set.
