@@ -24,7 +24,8 @@ from oracle import TOL, assert_close, lora_AB64, make_projection, oracle, random
 import unilora_kernels as uk
 from unilora_kernels import backends, ops, philox
 from unilora_kernels import projection as P
-from unilora_kernels.backends import reference
+from unilora_kernels.backends import reference, triton_launch
+from unilora_kernels.backends.policy import DECODE_MAX_M
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 try:
@@ -43,7 +44,7 @@ D_SMALL = 97
 
 @pytest.fixture(autouse=True)
 def _gpu_tiles():
-    ctx = tb.interpreter_tiles("gpu") if tb is not None else contextlib.nullcontext()
+    ctx = triton_launch.interpreter_tiles("gpu") if tb is not None else contextlib.nullcontext()
     with ctx:
         yield
 
@@ -184,7 +185,7 @@ def test_strided_inputs_are_read_in_place(knobs):
         assert_close(out, ref["out"], torch.float32, "out")
         assert_close(gx, ref["grad_x"], torch.float32, "grad_x")
         assert_close(gt, ref["grad_theta"], torch.float32, "grad_theta")
-    with tb.record_launches() as rec:
+    with triton_launch.record_launches() as rec:
         tb.forward_(torch.empty(M, out_f, device=DEVICE), rows, theta, proj, 0.0, None)
     assert rec[0].args["x_ptr"] is rows and rec[0].args["stride_xm"] == 2 * in_f
     # 3-D input through the op: a transposed (non-contiguous) batch
@@ -271,7 +272,7 @@ def test_deterministic_mode_is_bit_identical_and_atomic_free(knobs, kind, dtype)
     assert_close(runs[0][3], ref["grad_theta"], dtype, "grad_theta")
     assert_close(runs[0][2], ref["grad_x"], dtype, "grad_x")
     # what ran: no split-K shrink (its atomics), DET variants storing partials, the CSR reduction
-    with tb.record_launches() as rec:
+    with triton_launch.record_launches() as rec:
         h = tb.forward_(torch.zeros(M, out_f, device=DEVICE, dtype=dtype), x, theta, proj, p, 5)
         tb.backward(g, x, theta, proj, p, 5, h, None, True, True)
     names = [ln.launcher.name for ln in rec]
@@ -325,12 +326,12 @@ def test_lora_matrices_equal_the_reference_bit_for_bit(kind):
 # ------------------------------------------------------------------ schedules ---------------
 def test_schedule_heuristic_and_decode_is_one_launch(knobs):
     knobs("auto")
-    assert tb.schedule_for(1) == tb.schedule_for(tb.FUSED_MAX_M) == "fused"
-    assert tb.schedule_for(tb.FUSED_MAX_M + 1) == "split"
+    assert tb.schedule_for(1) == tb.schedule_for(DECODE_MAX_M) == "fused"
+    assert tb.schedule_for(DECODE_MAX_M + 1) == "split"
     proj = make_projection(64, 48, 8, D_SMALL, "hashed", device=DEVICE)
     theta = random_theta(D_SMALL, device=DEVICE)
-    for M, expected in ((1, ["fused_fwd_kernel"]), (tb.FUSED_MAX_M + 1, ["shrink_kernel", "expand_kernel"])):
-        with tb.record_launches() as rec:
+    for M, expected in ((1, ["fused_fwd_kernel"]), (DECODE_MAX_M + 1, ["shrink_kernel", "expand_kernel"])):
+        with triton_launch.record_launches() as rec:
             tb.forward_(torch.empty(M, 48, device=DEVICE), torch.empty(M, 64, device=DEVICE), theta, proj, 0.0, None)
         assert [ln.launcher.name for ln in rec] == expected
     knobs("sideways")
@@ -348,7 +349,7 @@ def test_autotuned_launches_restore_their_outputs(knobs):
     g = torch.randn(M, out_f, device=DEVICE).half()
     ref = oracle(x, theta, proj, base_out=base, p=0.1, seed=3, grad_out=g)
     gx0 = torch.randn(M, in_f, device=DEVICE).half()
-    with tb.autotune(True):
+    with triton_launch.autotune(True):
         for schedule in ("fused", "split"):
             knobs(schedule)
             out = base.clone()

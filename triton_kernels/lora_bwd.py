@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .index_math import dropout_keep, kernel, lora_scale, lora_tile, mma, scatter_grad
+from .index_math import dropout_keep, kernel, lora_scale, lora_tile, mma, scatter_grad, split_tiles
 from .lora_fwd import cfg
 
 BWD_X_CONFIGS = [
@@ -39,15 +39,14 @@ CSR_BLOCK = 128
 
 
 @triton.jit
-def _dA_out(gt_ptr, part_ptr, dA, rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask,
-            hk0, hk1, hk2, hk3, HASHED: tl.constexpr, DET: tl.constexpr):
+def _dA_out(gt_ptr, part_ptr, dA, rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, perm_base, d, perm,
+            HASHED: tl.constexpr, DET: tl.constexpr):
     pos = rc[:, None] * K + rk[None, :]
     mask = (rc < R)[:, None] & (rk < K)[None, :]
     if DET:
         tl.store(part_ptr + pid_s.to(tl.int64) * n_layer + pos, dA, mask=mask)
     else:
-        scatter_grad(gt_ptr, dA, pos, mask, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask, hk0, hk1, hk2, hk3,
-                     HASHED)
+        scatter_grad(gt_ptr, dA, pos, mask, scale_ptr, idx_ptr, perm_base, d, perm, HASHED)
 
 
 @triton.jit
@@ -59,7 +58,7 @@ def _gb_chunk(gb_ptr, rm, rc, M, R):
 def bwd_x_kernel(
     gb_ptr, x_ptr, gx_ptr, gt_ptr, part_ptr, theta_ptr, scale_ptr, idx_ptr,
     M, K, R, stride_xm, stride_gxm, n_layer,
-    d, hD, hbase, hhalf, hmask, hk0, hk1, hk2, hk3,
+    d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
     seed, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, NC: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     NEED_X: tl.constexpr, NEED_THETA: tl.constexpr, ACCUM: tl.constexpr, DET: tl.constexpr,
@@ -76,6 +75,7 @@ def bwd_x_kernel(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     AT: tl.constexpr = DT if LOWP else tl.float32
     RC: tl.constexpr = RP // NC
+    perm = (perm_D, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = rk < K
     rc = tl.arange(0, RC)
@@ -84,25 +84,22 @@ def bwd_x_kernel(
     a2 = a0
     a3 = a0
     if NEED_X:
-        a0 = lora_tile(rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask,
-                       hk0, hk1, hk2, hk3, HASHED, False).to(AT)
+        a0 = lora_tile(rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, perm_base, d, perm, HASHED, False).to(AT)
         if NC > 1:
-            a1 = lora_tile(RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask,
-                           hk0, hk1, hk2, hk3, HASHED, False).to(AT)
+            a1 = lora_tile(RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, perm_base, d, perm,
+                           HASHED, False).to(AT)
         if NC > 2:
-            a2 = lora_tile(2 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask,
-                           hk0, hk1, hk2, hk3, HASHED, False).to(AT)
-            a3 = lora_tile(3 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask,
-                           hk0, hk1, hk2, hk3, HASHED, False).to(AT)
+            a2 = lora_tile(2 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, perm_base, d, perm,
+                           HASHED, False).to(AT)
+            a3 = lora_tile(3 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_ptr, perm_base, d, perm,
+                           HASHED, False).to(AT)
     dA0 = tl.zeros((RC, BLOCK_K), dtype=tl.float32)
     dA1 = dA0
     dA2 = dA0
     dA3 = dA0
 
-    m_tiles = tl.cdiv(M, BLOCK_M)
-    per = tl.cdiv(m_tiles, splits)
-    t_hi = tl.minimum(pid_s * per + per, m_tiles)
-    for t in range(pid_s * per, t_hi):
+    t_lo, t_hi = split_tiles(tl.cdiv(M, BLOCK_M), pid_s, splits)
+    for t in range(t_lo, t_hi):
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         mk_mask = (rm < M)[:, None] & k_mask[None, :]
         if DROPOUT:
@@ -143,23 +140,23 @@ def bwd_x_kernel(
             tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mk_mask)
 
     if NEED_THETA:
-        _dA_out(gt_ptr, part_ptr, dA0, rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask,
-                hk0, hk1, hk2, hk3, HASHED, DET)
+        _dA_out(gt_ptr, part_ptr, dA0, rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, perm_base, d, perm,
+                HASHED, DET)
         if NC > 1:
-            _dA_out(gt_ptr, part_ptr, dA1, RC + rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, hbase, d, hD, hhalf,
-                    hmask, hk0, hk1, hk2, hk3, HASHED, DET)
+            _dA_out(gt_ptr, part_ptr, dA1, RC + rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, perm_base, d, perm,
+                    HASHED, DET)
         if NC > 2:
-            _dA_out(gt_ptr, part_ptr, dA2, 2 * RC + rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, hbase, d, hD,
-                    hhalf, hmask, hk0, hk1, hk2, hk3, HASHED, DET)
-            _dA_out(gt_ptr, part_ptr, dA3, 3 * RC + rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, hbase, d, hD,
-                    hhalf, hmask, hk0, hk1, hk2, hk3, HASHED, DET)
+            _dA_out(gt_ptr, part_ptr, dA2, 2 * RC + rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, perm_base, d,
+                    perm, HASHED, DET)
+            _dA_out(gt_ptr, part_ptr, dA3, 3 * RC + rc, rk, K, R, pid_s, n_layer, scale_ptr, idx_ptr, perm_base, d,
+                    perm, HASHED, DET)
 
 
 @kernel
 def bwd_db_kernel(
     g_ptr, h_ptr, gt_ptr, part_ptr, scale_ptr, idx_ptr,
     M, N, R, stride_gm, n_a, n_layer,
-    d, hD, hbase, hhalf, hmask, hk0, hk1, hk2, hk3, M_BUCKET,
+    d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3, M_BUCKET,
     RP: tl.constexpr, HASHED: tl.constexpr, LOWP: tl.constexpr, DET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -174,10 +171,8 @@ def bwd_db_kernel(
     r_mask = rr < R
     acc = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
 
-    m_tiles = tl.cdiv(M, BLOCK_M)
-    per = tl.cdiv(m_tiles, splits)
-    t_hi = tl.minimum(pid_s * per + per, m_tiles)
-    for t in range(pid_s * per, t_hi):
+    t_lo, t_hi = split_tiles(tl.cdiv(M, BLOCK_M), pid_s, splits)
+    for t in range(t_lo, t_hi):
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         gv = tl.load(g_ptr + rm.to(tl.int64)[:, None] * stride_gm + rn[None, :],
@@ -190,14 +185,14 @@ def bwd_db_kernel(
     if DET:
         tl.store(part_ptr + pid_s.to(tl.int64) * n_layer + n_a + b_pos, acc, mask=b_mask)
     else:
-        scatter_grad(gt_ptr, acc, b_pos, b_mask, scale_ptr, idx_ptr, hbase, d, hD, hhalf, hmask,
-                     hk0, hk1, hk2, hk3, HASHED)
+        perm = (perm_D, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3)
+        scatter_grad(gt_ptr, acc, b_pos, b_mask, scale_ptr, idx_ptr, perm_base, d, perm, HASHED)
 
 
 @kernel
 def csr_reduce_kernel(
     part_ptr, gt_ptr, scale_ptr, rows_ptr, rowptr_ptr, cols_ptr,
-    U, splits, n_layer, max_len, d, hD,
+    U, splits, n_layer, max_len, d, perm_D,
     HASHED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """grad_theta[rows[u]] = s * sum over the CSR row u of sum over splits of part[split, col].
@@ -219,5 +214,5 @@ def csr_reduce_kernel(
             off += n_layer
         acc += v
     j = tl.load(rows_ptr + u, mask=u_mask, other=0)
-    s = lora_scale(j, u_mask, scale_ptr, d, hD, HASHED)
+    s = lora_scale(j, u_mask, scale_ptr, d, perm_D, HASHED)
     tl.store(gt_ptr + j, acc * s, mask=u_mask)

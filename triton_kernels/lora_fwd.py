@@ -4,8 +4,9 @@ Two schedules (the backend picks one from M):
 
 * ``fused_fwd_kernel`` (decode, small M): one launch. Program (m, n) computes the whole
   ``h`` of its BLOCK_M rows (K loop, A gathered tile by tile) and adds ``h B^T`` into its
-  BLOCK_N output columns. ``h`` is recomputed by every column block; for M <= 16 that costs
-  less than a second launch. Programs of column block 0 also store ``h`` for backward.
+  BLOCK_N output columns. ``h`` is recomputed by every column block; for decode batches
+  (M <= policy.DECODE_MAX_M) that costs less than a second launch. Programs of column block 0
+  also store ``h`` for backward.
 * ``shrink_kernel`` + ``expand_kernel`` (prefill / training): ``shrink`` computes
   ``y = drop(x) W^T`` (W gathered, r x K) with split-K over ``tl.num_programs(1)`` (fp32
   atomics when split, plain stores otherwise); ``expand`` adds ``h W`` (W gathered, r x N)
@@ -26,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .index_math import dropout_keep, kernel, lora_tile, mma
+from .index_math import add_into, dropout_keep, kernel, lora_tile, mma
 
 
 def cfg(num_warps: int, num_stages: int, lowp: bool, rps=(16, 32, 64), **blocks):
@@ -70,7 +71,7 @@ def _store_h(h_ptr, h, rm, cols, M, R):
 def fused_fwd_kernel(
     x_ptr, out_ptr, h_ptr, theta_ptr, scale_ptr, idx_a_ptr, idx_b_ptr,
     M, K, N, R, stride_xm, stride_om,
-    d, hD, hbase, hbase_b, hhalf, hmask, hk0, hk1, hk2, hk3,
+    d, perm_D, perm_base_a, perm_base_b, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
     seed, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, NC: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -79,12 +80,14 @@ def fused_fwd_kernel(
     pid_n = tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     RC: tl.constexpr = RP // NC
+    perm = (perm_D, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     rc = tl.arange(0, RC)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
 
     # h in NC rank chunks (one accumulator each) so the second dot reduces over RC only.
+    # A^T chunk (BLOCK_K, RC): A[i, k] sits at i * K + k.
     h0 = tl.zeros((BLOCK_M, RC), dtype=tl.float32)
     h1 = h0
     h2 = h0
@@ -95,16 +98,16 @@ def fused_fwd_kernel(
         if DROPOUT:
             keep = dropout_keep(seed, rm, rk, K, threshold)
             xv = tl.where(keep, xv.to(tl.float32) * drop_scale, 0.0)
-        h0 = mma(xv, lora_tile(rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, hbase, d, hD, hhalf, hmask,
-                               hk0, hk1, hk2, hk3, HASHED, True), h0, LOWP, DT)
+        h0 = mma(xv, lora_tile(rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, perm_base_a, d, perm,
+                               HASHED, True), h0, LOWP, DT)
         if NC > 1:
-            h1 = mma(xv, lora_tile(RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, hbase, d, hD, hhalf,
-                                   hmask, hk0, hk1, hk2, hk3, HASHED, True), h1, LOWP, DT)
+            h1 = mma(xv, lora_tile(RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, perm_base_a, d, perm,
+                                   HASHED, True), h1, LOWP, DT)
         if NC > 2:
-            h2 = mma(xv, lora_tile(2 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, hbase, d, hD,
-                                   hhalf, hmask, hk0, hk1, hk2, hk3, HASHED, True), h2, LOWP, DT)
-            h3 = mma(xv, lora_tile(3 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, hbase, d, hD,
-                                   hhalf, hmask, hk0, hk1, hk2, hk3, HASHED, True), h3, LOWP, DT)
+            h2 = mma(xv, lora_tile(2 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, perm_base_a, d, perm,
+                                   HASHED, True), h2, LOWP, DT)
+            h3 = mma(xv, lora_tile(3 * RC + rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, perm_base_a, d, perm,
+                                   HASHED, True), h3, LOWP, DT)
 
     if pid_n == 0:
         _store_h(h_ptr, h0, rm, rc, M, R)
@@ -116,28 +119,24 @@ def fused_fwd_kernel(
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # B^T chunk (RC, BLOCK_N): B[n, i] sits at n * R + i.
-    delta = mma(h0, lora_tile(rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, hbase_b, d, hD, hhalf, hmask,
-                              hk0, hk1, hk2, hk3, HASHED, False), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                LOWP, DT)
+    delta = mma(h0, lora_tile(rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, perm_base_b, d, perm,
+                              HASHED, False), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LOWP, DT)
     if NC > 1:
-        delta = mma(h1, lora_tile(RC + rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, hbase_b, d, hD, hhalf,
-                                  hmask, hk0, hk1, hk2, hk3, HASHED, False), delta, LOWP, DT)
+        delta = mma(h1, lora_tile(RC + rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, perm_base_b, d, perm,
+                                  HASHED, False), delta, LOWP, DT)
     if NC > 2:
-        delta = mma(h2, lora_tile(2 * RC + rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, hbase_b, d, hD,
-                                  hhalf, hmask, hk0, hk1, hk2, hk3, HASHED, False), delta, LOWP, DT)
-        delta = mma(h3, lora_tile(3 * RC + rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, hbase_b, d, hD,
-                                  hhalf, hmask, hk0, hk1, hk2, hk3, HASHED, False), delta, LOWP, DT)
-    o_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    o_mask = m_mask[:, None] & (rn < N)[None, :]
-    o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-    tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
+        delta = mma(h2, lora_tile(2 * RC + rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, perm_base_b, d, perm,
+                                  HASHED, False), delta, LOWP, DT)
+        delta = mma(h3, lora_tile(3 * RC + rc, rn, 1, R, R, N, theta_ptr, scale_ptr, idx_b_ptr, perm_base_b, d, perm,
+                                  HASHED, False), delta, LOWP, DT)
+    add_into(out_ptr, delta, rm, rn, M, N, stride_om)
 
 
 @kernel
 def shrink_kernel(
     x_ptr, y_ptr, theta_ptr, scale_ptr, idx_ptr,
     M, K, R, stride_xm, w_stride_r, w_stride_c,
-    d, hD, hbase, hhalf, hmask, hk0, hk1, hk2, hk3,
+    d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
     seed, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -147,6 +146,7 @@ def shrink_kernel(
     pid_k = tl.program_id(1)
     split = tl.num_programs(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
+    perm = (perm_D, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     rr = tl.arange(0, RP)
@@ -162,8 +162,8 @@ def shrink_kernel(
         if DROPOUT:
             keep = dropout_keep(seed, rm, rk, K, threshold)
             xv = tl.where(keep, xv.to(tl.float32) * drop_scale, 0.0)
-        wt = lora_tile(rr, rk, w_stride_r, w_stride_c, R, K, theta_ptr, scale_ptr, idx_ptr, hbase, d, hD, hhalf,
-                       hmask, hk0, hk1, hk2, hk3, HASHED, True)
+        wt = lora_tile(rr, rk, w_stride_r, w_stride_c, R, K, theta_ptr, scale_ptr, idx_ptr, perm_base, d, perm,
+                       HASHED, True)
         acc = mma(xv, wt, acc, LOWP, DT)
 
     y_ptrs = y_ptr + rm[:, None] * R + rr[None, :]
@@ -178,7 +178,7 @@ def shrink_kernel(
 def expand_kernel(
     h_ptr, out_ptr, theta_ptr, scale_ptr, idx_ptr,
     M, N, R, stride_om, w_stride_r, w_stride_c,
-    d, hD, hbase, hhalf, hmask, hk0, hk1, hk2, hk3, M_BUCKET,
+    d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3, M_BUCKET,
     RP: tl.constexpr, NC: tl.constexpr, HASHED: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -187,6 +187,7 @@ def expand_kernel(
     pid_n = tl.program_id(1)
     DT: tl.constexpr = out_ptr.dtype.element_ty
     RC: tl.constexpr = RP // NC
+    perm = (perm_D, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,10 +195,7 @@ def expand_kernel(
     for c in range(0, NC):  # a runtime loop: unrolled, the chunks' gathers would all be live at once
         rc = c * RC + tl.arange(0, RC)
         hv = tl.load(h_ptr + rm[:, None] * R + rc[None, :], mask=m_mask[:, None] & (rc < R)[None, :], other=0.0)
-        wv = lora_tile(rc, rn, w_stride_r, w_stride_c, R, N, theta_ptr, scale_ptr, idx_ptr, hbase, d, hD, hhalf,
-                       hmask, hk0, hk1, hk2, hk3, HASHED, False)
+        wv = lora_tile(rc, rn, w_stride_r, w_stride_c, R, N, theta_ptr, scale_ptr, idx_ptr, perm_base, d, perm,
+                       HASHED, False)
         delta = mma(hv, wv, delta, LOWP, DT)
-    o_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    o_mask = m_mask[:, None] & (rn < N)[None, :]
-    o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-    tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
+    add_into(out_ptr, delta, rm, rn, M, N, stride_om)

@@ -2,14 +2,14 @@
 
     python -m unilora_kernels.compile_check --arch 80 --arch 90
 
-The launches come from the backend itself: ``triton_backend.record_launches()`` runs
-``forward_`` / ``backward`` / ``lora_matrices`` on CPU tensors of real layer sizes
-(4096 x 4096) and records each kernel launch (arguments, constexprs, and the autotune configs
-that survive pruning) instead of running it. Each recorded launch is specialised exactly as
-Triton's launcher would (``native_specialize_impl``: int == 1 folded, 16-divisibility),
-compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for every
-config and arch, and its PTX is passed to ``ptxas -v`` for registers and spills; shared memory
-is Triton's own figure (it is dynamic, ptxas does not see it).
+The launches come from the backend itself: ``triton_backend.forward_`` / ``backward`` /
+``lora_matrices`` run on CPU tensors of real layer sizes (4096 x 4096) inside
+``triton_launch.record_launches()``, which records each kernel launch (arguments, constexprs,
+and the autotune configs that survive pruning) instead of running it. Each recorded launch is
+specialised exactly as Triton's launcher would (``native_specialize_impl``: int == 1 folded,
+16-divisibility), compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
+32))`` for every config and arch, and its PTX is passed to ``ptxas -v`` for registers and
+spills; shared memory is Triton's own figure (it is dynamic, ptxas does not see it).
 
 Scenarios cover every dtype (fp16, bf16, fp32) and the constexpr variants: ``heavy`` (r = 64,
 hashed projection, dropout, grad_x accumulated: the register-hungriest code), ``light``
@@ -95,6 +95,7 @@ def record() -> list:
     import torch
 
     from .backends import triton_backend as tb
+    from .backends import triton_launch
 
     d = 65536
     theta = torch.zeros(d)
@@ -102,14 +103,14 @@ def record() -> list:
     env_keys = ("UNILORA_TRITON_SCHEDULE", "UNILORA_DETERMINISTIC")
     saved = {k: os.environ.get(k) for k in env_keys}
     try:
-        with tb.autotune(True):
+        with triton_launch.autotune(True):
             for name, r, kind, p, det in _scenarios():
                 proj = _projection(r, kind, d)
                 os.environ["UNILORA_DETERMINISTIC"] = "1" if det else "0"
                 for dtype_name in DTYPES:
                     dtype = getattr(torch, dtype_name)
                     seed = 0x1234_5678_9ABC if p > 0 else None
-                    with tb.record_launches() as rec:
+                    with triton_launch.record_launches() as rec:
                         for M, schedule in ((M_DECODE, "fused"), (M_PREFILL, "split")):
                             os.environ["UNILORA_TRITON_SCHEDULE"] = schedule
                             x = torch.empty((M, SIZE), dtype=dtype)
@@ -237,7 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", action="append", help="only these kernels (Launcher names)")
     args = ap.parse_args(argv)
     archs = args.arch or [80, 90]
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+    from .backends import triton_launch
+
+    if triton_launch.INTERPRET:
         print("compile_check: unset TRITON_INTERPRET (the interpreter builds no GPU code)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()

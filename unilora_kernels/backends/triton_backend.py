@@ -2,7 +2,7 @@
 
 Forward picks one of two schedules from M (``schedule_for``):
 
-* ``fused`` (M <= FUSED_MAX_M, decode): one launch of ``fused_fwd_kernel`` per layer;
+* ``fused`` (M <= policy.DECODE_MAX_M, decode): one launch of ``fused_fwd_kernel`` per layer;
 * ``split`` (larger M): ``shrink_kernel`` (h = drop(x) A^T, split-K) then ``expand_kernel``
   (out += h B^T), as vLLM's punica kernels do for plain LoRA.
 
@@ -11,69 +11,47 @@ dA, x read once) and ``bwd_db_kernel`` (dB = g^T h); both scatter-add their fp32
 straight into the single d-length theta_d gradient. In deterministic mode
 (``torch.use_deterministic_algorithms(True)`` or ``UNILORA_DETERMINISTIC=1``) no float atomic
 is used: splits store partials into a layer-sized buffer and ``csr_reduce_kernel`` sums them in
-a fixed order through a cached CSR of P^T, so repeated runs are bit-identical.
+a fixed order through a cached CSR of P^T (``triton_csr``), so repeated runs are bit-identical.
 
 Nothing of length D is allocated, and the only d-length tensor is the returned gradient.
 Activations may be fp16, bf16 or fp32 (theta_d and every accumulation are fp32); float64 is
 refused with a TypeError (use ``backend="reference"`` for gradcheck). On CPU tensors the
 kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` before import).
+Launching, autotuning and recording launches live in ``triton_launch``.
 
 Environment knobs: ``UNILORA_TRITON_SCHEDULE`` = auto | fused | split (force a forward
-schedule), ``UNILORA_TRITON_AUTOTUNE`` = 1 | 0 (autotune on CUDA; default 1),
-``UNILORA_DETERMINISTIC`` = 1.
+schedule), ``UNILORA_TRITON_AUTOTUNE`` (autotune on CUDA; default on), ``UNILORA_DETERMINISTIC``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-import time
-import weakref
-from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
 
 from .. import philox
-from . import LayerProjection
-from .policy import deterministic
+from . import LayerProjection, triton_csr
+from .policy import ACTIVATION_DTYPES, DECODE_MAX_M, DECODE_MAX_R, deterministic
+from .triton_launch import IMPORT_ERROR, INTERPRET, Launcher, autotune_on, large_tiles, recording, single_config
 
-try:
-    import triton
-except ImportError as _exc:  # the registry reports the reason through unavailable_reason()
-    triton = None
-    _IMPORT_ERROR = f"triton is not installed ({_exc}); pip install triton"
-else:
-    _IMPORT_ERROR = None
+if IMPORT_ERROR is None:
     from ..triton_kernels import index_math, lora_bwd, lora_fwd
 
-MAX_R = 64
-FUSED_MAX_M = 16  # decode batches: one fused launch; above this, h per column block costs more than a launch
+# fp32 accumulation throughout: float64 activations go to backend="reference".
+SUPPORTED_DTYPES = tuple(t for t in ACTIVATION_DTYPES if t != torch.float64)
+if DECODE_MAX_R > 64:  # the kernels hold at most four rank chunks of 16 (lora_fwd, lora_bwd)
+    raise ImportError(f"the Triton kernels support ranks up to 64; policy.DECODE_MAX_R = {DECODE_MAX_R}")
 FUSED_BLOCK_M = 16
 GATHER_BLOCK = 1024
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-_TRUE = ("1", "true", "yes", "on")
-
-
-def _interpreting() -> bool:
-    """Whether the kernels were built by the Triton interpreter (decided when they were imported)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(lora_fwd.shrink_kernel, InterpretedFunction)
-
-
-INTERPRET = _interpreting()
 
 
 # --------------------------------------------------------------------------------------------
 # availability (backend contract)
 # --------------------------------------------------------------------------------------------
 def unavailable_reason(name: str) -> Optional[str]:
-    if _IMPORT_ERROR:
-        return _IMPORT_ERROR
+    if IMPORT_ERROR:
+        return IMPORT_ERROR
     if INTERPRET or torch.cuda.is_available():
         return None
     return "no CUDA GPU is visible (CPU tensors need TRITON_INTERPRET=1 set before unilora_kernels is imported)"
@@ -98,66 +76,20 @@ def device_unavailable_reason(name: str, device_type: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# knobs and heuristics
+# schedule and grid heuristics
 # --------------------------------------------------------------------------------------------
 def schedule_for(M: int) -> str:
-    """``fused`` or ``split`` for a forward with M rows (``UNILORA_TRITON_SCHEDULE`` forces one)."""
+    """``fused`` or ``split`` for a forward with M rows (``UNILORA_TRITON_SCHEDULE`` forces one).
+
+    Decode batches take one fused launch; above them, recomputing h per column block costs more
+    than a second launch.
+    """
     forced = os.environ.get("UNILORA_TRITON_SCHEDULE", "auto").strip().lower() or "auto"
     if forced not in ("auto", "fused", "split"):
         raise ValueError(f"UNILORA_TRITON_SCHEDULE={forced!r}: expected auto, fused or split")
     if forced != "auto":
         return forced
-    return "fused" if M <= FUSED_MAX_M else "split"
-
-
-_autotune_override: Optional[bool] = None
-
-
-def _autotune_on(device: torch.device, det: bool) -> bool:
-    """Benchmark the config space (CUDA, non-deterministic runs); else the first pruned config."""
-    if det:
-        return False  # a config chosen by timing could differ between runs, and so would the sums
-    if _autotune_override is not None:
-        return _autotune_override
-    if INTERPRET or device.type != "cuda":
-        return False
-    return os.environ.get("UNILORA_TRITON_AUTOTUNE", "1").strip().lower() in _TRUE
-
-
-@contextlib.contextmanager
-def autotune(enabled: bool):
-    """Force autotuning on or off (tests: the interpreter times each config by one run)."""
-    global _autotune_override
-    old, _autotune_override = _autotune_override, enabled
-    try:
-        yield
-    finally:
-        _autotune_override = old
-
-
-# Under the interpreter every program is a Python loop over numpy ops, so the GPU tile sizes
-# make model-sized layers crawl. "large" (the interpreter default) runs one big tile per kernel
-# (Launcher.interpret_config, NC = 1); "gpu" runs the GPU default configs, as the kernel tests do.
-_interpret_tiles = os.environ.get("UNILORA_TRITON_INTERPRET_TILES", "large").strip().lower()
-if _interpret_tiles not in ("large", "gpu"):
-    raise ValueError(f"UNILORA_TRITON_INTERPRET_TILES={_interpret_tiles!r}: expected large or gpu")
-
-
-@contextlib.contextmanager
-def interpreter_tiles(mode: str):
-    """Tile sizes the interpreter runs with: ``large`` (fast) or ``gpu`` (the GPU defaults)."""
-    global _interpret_tiles
-    if mode not in ("large", "gpu"):
-        raise ValueError(f"interpreter tiles must be 'large' or 'gpu', got {mode!r}")
-    old, _interpret_tiles = _interpret_tiles, mode
-    try:
-        yield
-    finally:
-        _interpret_tiles = old
-
-
-def _large_tiles() -> bool:
-    return INTERPRET and _interpret_tiles == "large" and _recorder is None
+    return "fused" if M <= DECODE_MAX_M else "split"
 
 
 _sm_cache: dict = {}
@@ -206,150 +138,15 @@ def _lowp(x_dtype: torch.dtype, other_dtype: torch.dtype) -> bool:
     return not (INTERPRET and x_dtype == torch.bfloat16)
 
 
-# --------------------------------------------------------------------------------------------
-# launching (fixed config, autotuned, or recorded for compile_check)
-# --------------------------------------------------------------------------------------------
-def _do_bench(kernel_call, quantiles):
-    if INTERPRET:  # one timed run: only exercises the tuner's reset/restore logic
-        t0 = time.perf_counter()
-        kernel_call()
-        t = (time.perf_counter() - t0) * 1e3
-        return [t, t, t]
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
-
-class Launch(NamedTuple):
-    """A launch seen by ``record_launches``: its kernel, arguments, constexprs, configs and grid."""
-
-    launcher: "Launcher"
-    args: dict
-    meta: dict
-    configs: list  # every tuning candidate when autotuning, else the one config used
-    grid: tuple  # grid of the first config
-
-
-_recorder: Optional[list] = None  # compile_check and tests collect launches here instead of running them
-
-
-@contextlib.contextmanager
-def record_launches():
-    """Collect a ``Launch`` for every kernel launch instead of running it (outputs stay unset)."""
-    global _recorder
-    old, _recorder = _recorder, []
-    try:
-        yield _recorder
-    finally:
-        _recorder = old
-
-
-class Launcher:
-    """One kernel and its autotune space: ``[(when, triton.Config)]``.
-
-    ``when`` maps a meta-parameter (``LOWP``, ``RP``) to the values a config applies to; the
-    configs that apply to a launch, in order, are its tuning candidates, the first its default.
-    """
-
-    def __init__(self, fn, space, key=(), reset_to_zero=(), restore_value=(), interpret_blocks=None):
-        self.fn = fn
-        self.interpret_config = triton.Config(interpret_blocks, num_warps=4) if interpret_blocks else None
-        self.space = list(space)
-        self.configs = [c for _, c in self.space]
-        self._when = {id(c): w for w, c in self.space}
-        self.key = list(key)
-        self.reset_to_zero = list(reset_to_zero)
-        self.restore_value = list(restore_value)
-        self._tuners: dict = {}
-        self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return self.fn.__name__ if hasattr(self.fn, "__name__") else self.fn.fn.__name__
-
-    def _applies(self, c, meta: dict) -> bool:
-        for k, allowed in self._when[id(c)].items():
-            if allowed is None or k not in meta:
-                continue
-            if (meta[k] not in allowed) if isinstance(allowed, tuple) else (meta[k] != allowed):
-                return False
-        return True
-
-    def prune(self, configs, named_args=None, **meta):
-        keep = [c for c in configs if self._applies(c, meta)]
-        if not keep:
-            raise ValueError(f"{self.name}: no autotune config applies to {meta}")
-        return keep
-
-    def configs_for(self, meta: dict) -> list:
-        return self.prune(self.configs, **meta)
-
-    def pick(self, meta: dict):
-        """The config an untuned launch uses."""
-        if self.interpret_config is not None and _large_tiles():
-            return self.interpret_config
-        return self.configs_for(meta)[0]
-
-    def _autotuner(self, args: dict):
-        """The autotuner for this launch's buffers: benchmarking runs every config on the real
-        outputs, so each is reset (``reset_to_zero``) or saved and restored (``restore_value``)
-        around every timed run; buffers a launch does not pass (None) are left out."""
-        reset = tuple(n for n in self.reset_to_zero if args.get(n) is not None)
-        restore = tuple(n for n in self.restore_value if args.get(n) is not None)
-        with self._lock:
-            tuner = self._tuners.get((reset, restore))
-            if tuner is None:
-                tuner = triton.autotune(
-                    self.configs, key=self.key, prune_configs_by={"early_config_prune": self.prune},
-                    reset_to_zero=list(reset) or None, restore_value=list(restore) or None, do_bench=_do_bench,
-                )(self.fn)
-                self._tuners[(reset, restore)] = tuner
-            return tuner
-
-    def launch(self, grid, args: dict, meta: dict, device: torch.device, tune: bool):
-        """Run with the first applicable config, or the autotuned one; ``grid(config_kwargs)``."""
-        configs = self.configs_for(meta)
-        if _recorder is not None:
-            grid0 = tuple(grid({**meta, **configs[0].all_kwargs()}))
-            _recorder.append(Launch(self, dict(args), dict(meta), configs if tune and len(configs) > 1 else configs[:1],
-                                    grid0))
-            return
-        if INTERPRET:
-            args = {k: _interpreter_alias(v) for k, v in args.items()}
-        # Switching devices costs a few microseconds per launch: only when the tensors are elsewhere.
-        switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
-        ctx = torch.cuda.device(device) if switch else contextlib.nullcontext()
-        with ctx:
-            if tune and len(configs) > 1:
-                self._autotuner(args)[grid](**args, **meta)
-                return
-            kw = self.pick(meta).all_kwargs()
-            self.fn[grid({**meta, **kw})](**args, **meta, **kw)
-
-
-def _interpreter_alias(t):
-    """A CPU tensor over the same memory but with a storage of its own.
-
-    The interpreter calls ``untyped_storage()`` on every tensor argument; PyTorch then keeps
-    that storage's Python object alive, and autograd will no longer accumulate a gradient in
-    place into such a tensor (one extra d-length add per backward). Handing the interpreter an
-    alias keeps the caller's tensors untouched, so memory behaves as it does on the GPU.
-    """
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
-        return t
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: alias the bits
-        return torch.from_numpy(t.view(torch.int16).numpy()).view(torch.bfloat16)
-    return torch.from_numpy(t.numpy())
-
-
 def _nc(rp: int, lowp: bool) -> int:
     """Rank chunks of the fp32 (FMA) dots that reduce over the rank: RC = RP / NC = 16."""
-    return 1 if lowp or _large_tiles() else rp // 16
+    return 1 if lowp or large_tiles() else rp // 16
 
 
-def _one(block: int, **kw):
-    return [(dict(), triton.Config(dict(BLOCK=block), num_warps=4, **kw))]
-
-
-if triton is not None:
+# --------------------------------------------------------------------------------------------
+# the kernels and their autotune spaces
+# --------------------------------------------------------------------------------------------
+if IMPORT_ERROR is None:
     _KEY_FWD = ["M_BUCKET", "K", "R", "HASHED", "DROPOUT", "LOWP"]
     FUSED = Launcher(lora_fwd.fused_fwd_kernel, lora_fwd.FUSED_CONFIGS, key=_KEY_FWD + ["N"], restore_value=["out_ptr"],
                      interpret_blocks=dict(BLOCK_N=1024, BLOCK_K=1024))
@@ -363,8 +160,8 @@ if triton is not None:
                      restore_value=["gx_ptr", "gt_ptr"], interpret_blocks=dict(BLOCK_M=128, BLOCK_K=1024))
     BWD_DB = Launcher(lora_bwd.bwd_db_kernel, lora_bwd.BWD_DB_CONFIGS, key=["M_BUCKET", "N", "R", "HASHED", "LOWP"],
                       restore_value=["gt_ptr"], interpret_blocks=dict(BLOCK_M=128, BLOCK_N=1024))
-    CSR_REDUCE = Launcher(lora_bwd.csr_reduce_kernel, _one(lora_bwd.CSR_BLOCK))
-    GATHER = Launcher(index_math.gather_kernel, _one(GATHER_BLOCK))
+    CSR_REDUCE = Launcher(lora_bwd.csr_reduce_kernel, single_config(BLOCK=lora_bwd.CSR_BLOCK))
+    GATHER = Launcher(index_math.gather_kernel, single_config(BLOCK=GATHER_BLOCK))
     LAUNCHERS = (FUSED, SHRINK, EXPAND, BWD_X, BWD_DB, CSR_REDUCE, GATHER)
 
 
@@ -375,13 +172,13 @@ def _check_dtype(t: torch.Tensor, what: str) -> None:
     if t.dtype == torch.float64:
         raise TypeError(f"the triton backend computes in fp32 and does not take float64 {what}; "
                         "use backend='reference' for float64 (e.g. gradcheck)")
-    if t.dtype not in _SUPPORTED:
+    if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend takes float16/bfloat16/float32 {what}, got {t.dtype}")
 
 
 def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection) -> None:
-    if _IMPORT_ERROR:
-        raise RuntimeError(_IMPORT_ERROR)
+    if IMPORT_ERROR:
+        raise RuntimeError(IMPORT_ERROR)
     _check_dtype(x2d, "activations")
     if theta.dtype != torch.float32 or theta.dim() != 1:
         if theta.dtype == torch.float64:
@@ -391,8 +188,8 @@ def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection) -> Non
         raise ValueError("theta_d must be contiguous")
     if x2d.dim() != 2 or x2d.shape[1] != proj.in_features:
         raise ValueError(f"x must be (M, {proj.in_features}), got {tuple(x2d.shape)}")
-    if not 1 <= proj.r <= MAX_R:
-        raise ValueError(f"the triton backend supports r from 1 to {MAX_R}, got r = {proj.r}; "
+    if not 1 <= proj.r <= DECODE_MAX_R:
+        raise ValueError(f"the triton backend supports r from 1 to {DECODE_MAX_R}, got r = {proj.r}; "
                          "use backend='reference' or 'cuda' for larger ranks")
     d = theta.shape[0]
     if proj.is_hashed:
@@ -417,7 +214,7 @@ def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection) -> Non
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     dev = x2d.device
-    if _recorder is None and (dev.type == "cpu" and not INTERPRET or dev.type not in ("cpu", "cuda")):
+    if not recording() and (dev.type == "cpu" and not INTERPRET or dev.type not in ("cpu", "cuda")):
         raise ValueError(device_unavailable_reason("triton", dev.type) or f"unsupported device {dev}")
 
 
@@ -438,18 +235,22 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
+def _idx(t: torch.Tensor, proj: LayerProjection):
+    return None if proj.is_hashed else t
+
+
 def _proj_args(theta: torch.Tensor, proj: LayerProjection) -> dict:
-    """theta / scale pointers and the hashed projection's scalars (None when uniform)."""
+    """theta / scale pointers and the hashed projection's ``perm_*`` scalars (None when uniform)."""
     args = dict(theta_ptr=theta, scale_ptr=proj.scales, d=theta.shape[0])
     if proj.is_hashed:
         args.update(index_math.hashed_args(proj.hashed, theta.shape[0]))
     else:
-        args.update(hD=None, hhalf=None, hmask=None, hk0=None, hk1=None, hk2=None, hk3=None)
+        args.update(dict.fromkeys(index_math.PERM_SCALARS))
     return args
 
 
-def _bases(proj: LayerProjection) -> tuple:
-    """Global positions of A[0, 0] and B[0, 0] in D (hashed), or None (uniform)."""
+def _perm_bases(proj: LayerProjection) -> tuple:
+    """Global positions in [0, D) of A[0, 0] and B[0, 0] (hashed), or None (uniform)."""
     if not proj.is_hashed:
         return None, None
     off = proj.hashed[1]
@@ -465,6 +266,45 @@ def _drop_args(p: float, seed) -> dict:
     return dict(seed=int(seed), threshold=min(philox.keep_threshold(p), 2**31 - 1), drop_scale=philox.keep_scale(p))
 
 
+class _Call(NamedTuple):
+    """What every launch of one forward_ or backward call shares."""
+
+    RP: int  # rank padded to a power of two >= 16 (the tl.dot minimum)
+    det: bool  # deterministic mode: no split-K, no float atomics
+    tune: bool  # autotune (else each kernel's first applicable config)
+    drop: dict  # seed / threshold / drop_scale, all None without dropout
+    base_a: Optional[int]  # _perm_bases
+    base_b: Optional[int]
+    proj_args: dict  # _proj_args
+
+
+def _call(theta: torch.Tensor, proj: LayerProjection, p: float, seed, device: torch.device) -> _Call:
+    det = deterministic()
+    return _Call(_rp(proj.r), det, autotune_on(device, det), _drop_args(p, seed), *_perm_bases(proj),
+                 _proj_args(theta, proj))
+
+
+def _shrink(x: torch.Tensor, proj: LayerProjection, idx, w_strides: tuple, base, lowp: bool, drop: dict,
+            c: _Call) -> torch.Tensor:
+    """y = drop(x) W^T (M x r, fp32) by ``shrink_kernel``, W (r x K) gathered at layer positions
+    ``i * w_strides[0] + k * w_strides[1]``: h = drop(x) A^T in forward, g B (W = B^T) in backward."""
+    M, K = x.shape
+    dev = x.device
+    n_sm = _num_sms(dev)
+
+    def grid(cfg):
+        m_tiles = _cdiv(M, cfg["BLOCK_M"])
+        return (m_tiles, 1 if c.det else _splits(m_tiles, _cdiv(K, cfg["BLOCK_K"]), n_sm))
+
+    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed"] is not None)
+    zero = c.tune or grid(SHRINK.pick(meta).all_kwargs())[1] > 1  # split-K adds into y with atomics
+    y = (torch.zeros if zero else torch.empty)((M, proj.r), dtype=torch.float32, device=dev)
+    SHRINK.launch(grid, dict(x_ptr=x, y_ptr=y, idx_ptr=idx, M=M, K=K, R=proj.r, stride_xm=_row_stride(x),
+                             w_stride_r=w_strides[0], w_stride_c=w_strides[1], perm_base=base, M_BUCKET=_m_bucket(M),
+                             **c.proj_args, **drop), meta, dev, c.tune)
+    return y
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -478,46 +318,25 @@ def forward_(out2d, x2d, theta, proj: LayerProjection, p: float, seed):
     dev = x2d.device
     if M == 0:
         return torch.empty((0, R), dtype=torch.float32, device=dev)
-    RP = _rp(R)
-    det = deterministic()
-    tune = _autotune_on(dev, det)
-    drop = _drop_args(p, seed)
-    hb_a, hb_b = _bases(proj)
-    pa = _proj_args(theta, proj)
+    c = _call(theta, proj, p, seed, dev)
     lowp = _lowp(x2d.dtype, out2d.dtype)
-    common = dict(RP=RP, HASHED=proj.is_hashed, LOWP=lowp)
+    common = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp)
 
     if schedule_for(M) == "fused":
         h = torch.empty((M, R), dtype=torch.float32, device=dev)
         args = dict(x_ptr=x2d, out_ptr=out2d, h_ptr=h, idx_a_ptr=_idx(proj.idx_a, proj), idx_b_ptr=_idx(proj.idx_b, proj),
                     M=M, K=K, N=N, R=R, stride_xm=_row_stride(x2d), stride_om=_row_stride(out2d),
-                    hbase=hb_a, hbase_b=hb_b, M_BUCKET=_m_bucket(M), **pa, **drop)
-        FUSED.launch(lambda c: (_cdiv(M, FUSED_BLOCK_M), _cdiv(N, c["BLOCK_N"])), args,
-                     dict(common, NC=_nc(RP, lowp), DROPOUT=p > 0, BLOCK_M=FUSED_BLOCK_M), dev, tune)
+                    perm_base_a=c.base_a, perm_base_b=c.base_b, M_BUCKET=_m_bucket(M), **c.proj_args, **c.drop)
+        FUSED.launch(lambda cfg: (_cdiv(M, FUSED_BLOCK_M), _cdiv(N, cfg["BLOCK_N"])), args,
+                     dict(common, NC=_nc(c.RP, lowp), DROPOUT=p > 0, BLOCK_M=FUSED_BLOCK_M), dev, c.tune)
         return h
 
-    n_sm = _num_sms(dev)
-
-    def shrink_grid(c):
-        m_tiles = _cdiv(M, c["BLOCK_M"])
-        return (m_tiles, 1 if det else _splits(m_tiles, _cdiv(K, c["BLOCK_K"]), n_sm))
-
-    meta = dict(common, DROPOUT=p > 0)
-    first = SHRINK.pick(meta).all_kwargs()
-    zero = tune or shrink_grid(first)[1] > 1  # atomics need a zeroed h
-    h = (torch.zeros if zero else torch.empty)((M, R), dtype=torch.float32, device=dev)
-    SHRINK.launch(shrink_grid, dict(x_ptr=x2d, y_ptr=h, idx_ptr=_idx(proj.idx_a, proj), M=M, K=K, R=R,
-                                    stride_xm=_row_stride(x2d), w_stride_r=K, w_stride_c=1, hbase=hb_a,
-                                    M_BUCKET=_m_bucket(M), **pa, **drop), meta, dev, tune)
-    EXPAND.launch(lambda c: (_cdiv(M, c["BLOCK_M"]), _cdiv(N, c["BLOCK_N"])),
+    h = _shrink(x2d, proj, _idx(proj.idx_a, proj), (K, 1), c.base_a, lowp, c.drop, c)
+    EXPAND.launch(lambda cfg: (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])),
                   dict(h_ptr=h, out_ptr=out2d, idx_ptr=_idx(proj.idx_b, proj), M=M, N=N, R=R,
-                       stride_om=_row_stride(out2d), w_stride_r=1, w_stride_c=R, hbase=hb_b,
-                       M_BUCKET=_m_bucket(M), **pa), dict(common, NC=_nc(RP, lowp)), dev, tune)
+                       stride_om=_row_stride(out2d), w_stride_r=1, w_stride_c=R, perm_base=c.base_b,
+                       M_BUCKET=_m_bucket(M), **c.proj_args), dict(common, NC=_nc(c.RP, lowp)), dev, c.tune)
     return h
-
-
-def _idx(t: torch.Tensor, proj: LayerProjection):
-    return None if proj.is_hashed else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,43 +370,26 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
         h = h.contiguous()
     x2d = _unit_last(x2d)
     g2d = _unit_last(g2d)
-    RP = _rp(R)
-    det = deterministic()
-    tune = _autotune_on(dev, det)
-    drop = _drop_args(p, seed)
-    hb_a, hb_b = _bases(proj)
-    pa = _proj_args(theta, proj)
+    c = _call(theta, proj, p, seed, dev)
+    RP, det = c.RP, c.det
     n_sm = _num_sms(dev)
     n_a, n_layer = R * K, R * (K + N)
+    lowp = _lowp(x2d.dtype, g2d.dtype)
 
-    # gB = g B (M, R) fp32: the shrink kernel with W = B^T (positions n * R + r).
-    lowp_g = _lowp(g2d.dtype, x2d.dtype)
-    meta_g = dict(RP=RP, HASHED=proj.is_hashed, LOWP=lowp_g, DROPOUT=False)
-
-    def gb_grid(c):
-        m_tiles = _cdiv(M, c["BLOCK_M"])
-        return (m_tiles, 1 if det else _splits(m_tiles, _cdiv(N, c["BLOCK_K"]), n_sm))
-
-    zero = tune or gb_grid(SHRINK.pick(meta_g).all_kwargs())[1] > 1
-    gb = (torch.zeros if zero else torch.empty)((M, R), dtype=torch.float32, device=dev)
-    SHRINK.launch(gb_grid, dict(x_ptr=g2d, y_ptr=gb, idx_ptr=_idx(proj.idx_b, proj), M=M, K=N, R=R,
-                                stride_xm=_row_stride(g2d), w_stride_r=1, w_stride_c=R, hbase=hb_b,
-                                M_BUCKET=_m_bucket(M), **pa, seed=None, threshold=None, drop_scale=None),
-                  meta_g, dev, tune)
+    # gB = g B (M, R) fp32: the shrink kernel with W = B^T (positions n * R + r), no dropout.
+    gb = _shrink(g2d, proj, _idx(proj.idx_b, proj), (1, R), c.base_b, lowp, _drop_args(0.0, None), c)
 
     part = None
     splits_det = None
     if det and need_theta:
         # One split count for both kernels: they fill the two halves of the same partial buffer.
-        m_tiles_x = _cdiv(M, BWD_X.pick(dict(RP=RP, LOWP=_lowp(x2d.dtype, g2d.dtype))).kwargs["BLOCK_M"])
-        m_tiles_b = _cdiv(M, BWD_DB.pick(dict(RP=RP, LOWP=lowp_g)).kwargs["BLOCK_M"])
+        m_tiles_x = _cdiv(M, BWD_X.pick(dict(RP=RP, LOWP=lowp)).kwargs["BLOCK_M"])
+        m_tiles_b = _cdiv(M, BWD_DB.pick(dict(RP=RP, LOWP=lowp)).kwargs["BLOCK_M"])
         splits_det = _det_splits(min(m_tiles_x, m_tiles_b))
         part = torch.empty((splits_det, n_layer), dtype=torch.float32, device=dev)
 
-    lowp = _lowp(x2d.dtype, g2d.dtype)
-
-    def x_grid(c):
-        k_tiles, m_tiles = _cdiv(K, c["BLOCK_K"]), _cdiv(M, c["BLOCK_M"])
+    def x_grid(cfg):
+        k_tiles, m_tiles = _cdiv(K, cfg["BLOCK_K"]), _cdiv(M, cfg["BLOCK_M"])
         if not need_theta:
             return (k_tiles, m_tiles)  # no reduction over M: one row tile per program
         return (k_tiles, splits_det if det else _splits(k_tiles, m_tiles, n_sm))
@@ -595,28 +397,28 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
     BWD_X.launch(x_grid, dict(gb_ptr=gb, x_ptr=x2d, gx_ptr=grad_x2d if need_x else None, gt_ptr=grad_theta,
                               part_ptr=part, idx_ptr=_idx(proj.idx_a, proj), M=M, K=K, R=R,
                               stride_xm=_row_stride(x2d),
-                              stride_gxm=_row_stride(grad_x2d) if need_x else 0, n_layer=n_layer, hbase=hb_a,
-                              M_BUCKET=_m_bucket(M), **pa, **drop),
+                              stride_gxm=_row_stride(grad_x2d) if need_x else 0, n_layer=n_layer, perm_base=c.base_a,
+                              M_BUCKET=_m_bucket(M), **c.proj_args, **c.drop),
                  dict(RP=RP, NC=_nc(RP, lowp), HASHED=proj.is_hashed, DROPOUT=p > 0, LOWP=lowp, NEED_X=need_x,
-                      NEED_THETA=need_theta, ACCUM=accum and need_x, DET=det), dev, tune)
+                      NEED_THETA=need_theta, ACCUM=accum and need_x, DET=det), dev, c.tune)
     if not need_theta:
         return grad_x2d, None
 
-    def b_grid(c):
-        n_tiles, m_tiles = _cdiv(N, c["BLOCK_N"]), _cdiv(M, c["BLOCK_M"])
+    def b_grid(cfg):
+        n_tiles, m_tiles = _cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"])
         return (n_tiles, splits_det if det else _splits(n_tiles, m_tiles, n_sm))
 
-    pb = {k: v for k, v in pa.items() if k != "theta_ptr"}
+    pb = {k: v for k, v in c.proj_args.items() if k != "theta_ptr"}
     BWD_DB.launch(b_grid, dict(g_ptr=g2d, h_ptr=h, gt_ptr=grad_theta, part_ptr=part, idx_ptr=_idx(proj.idx_b, proj),
-                               M=M, N=N, R=R, stride_gm=_row_stride(g2d), n_a=n_a, n_layer=n_layer, hbase=hb_b,
-                               M_BUCKET=_m_bucket(M), **pb),
-                  dict(RP=RP, HASHED=proj.is_hashed, LOWP=lowp_g, DET=det), dev, tune)
+                               M=M, N=N, R=R, stride_gm=_row_stride(g2d), n_a=n_a, n_layer=n_layer,
+                               perm_base=c.base_b, M_BUCKET=_m_bucket(M), **pb),
+                  dict(RP=RP, HASHED=proj.is_hashed, LOWP=lowp, DET=det), dev, c.tune)
     if det:
         csr = csr_of(theta, proj)
-        CSR_REDUCE.launch(lambda c: (_cdiv(csr.U, c["BLOCK"]),),
+        CSR_REDUCE.launch(lambda cfg: (_cdiv(csr.U, cfg["BLOCK"]),),
                           dict(part_ptr=part, gt_ptr=grad_theta, scale_ptr=proj.scales, rows_ptr=csr.rows,
                                rowptr_ptr=csr.rowptr, cols_ptr=csr.cols, U=csr.U, splits=splits_det, n_layer=n_layer,
-                               max_len=csr.max_len, d=d, hD=pa["hD"]),
+                               max_len=csr.max_len, d=d, perm_D=c.proj_args["perm_D"]),
                           dict(HASHED=proj.is_hashed), dev, False)
     return (grad_x2d if need_x else None), grad_theta
 
@@ -625,16 +427,15 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
 # dense A / B, layer indices, the CSR of P^T
 # --------------------------------------------------------------------------------------------
 def _gather(theta: torch.Tensor, proj: LayerProjection, values: bool, index: bool):
-    d = theta.shape[0]
     n_a, n_layer = proj.r * proj.in_features, proj.r * (proj.in_features + proj.out_features)
     dev = theta.device
     vals = torch.empty(n_layer, dtype=torch.float32, device=dev) if values else None
     idx = torch.empty(n_layer, dtype=torch.int32, device=dev) if index else None
     if n_layer:
-        hb_a, _ = _bases(proj)
-        GATHER.launch(lambda c: (_cdiv(n_layer, c["BLOCK"]),),
+        GATHER.launch(lambda cfg: (_cdiv(n_layer, cfg["BLOCK"]),),
                       dict(idx_a_ptr=_idx(proj.idx_a, proj), idx_b_ptr=_idx(proj.idx_b, proj), vals_ptr=vals,
-                           index_ptr=idx, n_a=n_a, n_layer=n_layer, hbase=hb_a, **_proj_args(theta, proj)),
+                           index_ptr=idx, n_a=n_a, n_layer=n_layer, perm_base=_perm_bases(proj)[0],
+                           **_proj_args(theta, proj)),
                       dict(HASHED=proj.is_hashed, WRITE_VALS=values, WRITE_INDEX=index), dev, False)
     return vals, idx
 
@@ -657,67 +458,10 @@ def layer_index(theta: torch.Tensor, proj: LayerProjection) -> torch.Tensor:
     return _gather(theta, proj, values=False, index=True)[1]
 
 
-class CSR(NamedTuple):
-    """P^T restricted to one layer: row u lists the layer positions that read theta_d[rows[u]]."""
-
-    rows: torch.Tensor  # int32 (U,), distinct theta_d indices, increasing
-    rowptr: torch.Tensor  # int32 (U + 1,)
-    cols: torch.Tensor  # int32 (layer size,), positions in increasing order within a row
-    U: int
-    max_len: int
-
-
-CSR_CACHE_SIZE = 4096
-_csr_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
-_csr_lock = threading.Lock()
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return -1
-
-
-def _build_csr(index: torch.Tensor) -> CSR:
-    sorted_j, order = torch.sort(index, stable=True)
-    rows, counts = torch.unique_consecutive(sorted_j, return_counts=True)
-    rowptr = torch.zeros(rows.numel() + 1, dtype=torch.int32, device=index.device)
-    torch.cumsum(counts, 0, out=rowptr[1:])
-    return CSR(rows.to(torch.int32), rowptr, order.to(torch.int32), rows.numel(), int(counts.max().item()))
-
-
-def csr_of(theta: torch.Tensor, proj: LayerProjection) -> CSR:
-    """The layer's CSR of P^T, built once per projection and cached (layer-sized, never D-sized).
-
-    Uniform entries are keyed by the index tensors' storage and version and hold weak
-    references to them, so a freed or modified table is never served from the cache.
-    """
-    d = theta.shape[0]
-    shape = (proj.r, proj.in_features, proj.out_features, d, str(theta.device))
-    if proj.is_hashed:
-        key = ("hashed", tuple(proj.hashed)) + shape
-        refs = ()
-    else:
-        key = ("uniform", proj.idx_a.data_ptr(), proj.idx_b.data_ptr(), _version(proj.idx_a),
-               _version(proj.idx_b)) + shape
-        refs = (weakref.ref(proj.idx_a), weakref.ref(proj.idx_b))
-    with _csr_lock:
-        hit = _csr_cache.get(key)
-        if hit is not None and all(r() is not None for r in hit[0]):
-            _csr_cache.move_to_end(key)
-            return hit[1]
-    csr = _build_csr(layer_index(theta, proj))
-    if _recorder is None:
-        with _csr_lock:
-            _csr_cache[key] = (refs, csr)
-            for k in [k for k, (rs, _) in _csr_cache.items() if any(r() is None for r in rs)]:
-                del _csr_cache[k]
-            while len(_csr_cache) > CSR_CACHE_SIZE:
-                _csr_cache.popitem(last=False)
-    return csr
+def csr_of(theta: torch.Tensor, proj: LayerProjection) -> triton_csr.CSR:
+    """The layer's CSR of P^T, built once per projection and cached (``triton_csr``)."""
+    return triton_csr.csr_of(theta, proj, layer_index)
 
 
 def clear_caches() -> None:
-    with _csr_lock:
-        _csr_cache.clear()
+    triton_csr.clear_cache()
