@@ -12,11 +12,10 @@ import sys
 
 import pytest
 
-from unilora_kernels.backends import triton_backend as tb
-
-pytestmark = pytest.mark.skipif(tb.triton is None, reason="triton is not installed")
+pytest.importorskip("triton", reason="triton is not installed")
 
 
+@pytest.mark.slow  # compiles every kernel variant for two archs: minutes
 def test_compile_check_sm80_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a warm cache
