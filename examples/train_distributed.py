@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --mode ddp
     torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --mode fsdp2
-    accelerate launch --num_processes 2 examples/train_distributed.py --mode ddp
+    accelerate launch --multi_gpu --num_processes 2 examples/train_distributed.py --mode ddp
     python examples/train_distributed.py                # one process on the whole batch
 
 Every rank builds the same tiny LLaMA (seeded, nothing downloaded), injects the same adapter and

@@ -1,7 +1,8 @@
 """DDP and FSDP2 over two gloo processes (torchrun, CPU) train theta_d as one process on the whole batch.
 
-Runs examples/train_distributed.py, the README's recipe, exactly as documented (torchrun
---standalone --nproc_per_node 2), and compares with its one-process path run here.
+Runs examples/train_distributed.py, the documented recipe, as documented (torchrun --standalone
+--nproc_per_node 2, and accelerate launch --multi_gpu --num_processes 2), and compares with its
+one-process path run here.
 """
 
 from __future__ import annotations
@@ -46,12 +47,24 @@ def single_process_theta(example):
     return theta
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_gloo_processes_match_one(mode, tmp_path, single_process_theta):
+TORCHRUN = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# accelerate's --multi_gpu launcher wraps torchrun; without GPUs the example falls back to gloo.
+ACCELERATE = [sys.executable, "-P", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.mark.parametrize(("launcher", "mode"), [
+    ("torchrun", "ddp"),
+    ("torchrun", "fsdp2"),
+    ("accelerate", "ddp"),
+])
+def test_two_gloo_processes_match_one(launcher, mode, tmp_path, single_process_theta):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     out = tmp_path / "theta.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, even on a GPU host
-    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(EXAMPLE), "--mode", mode, "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH), "--out", str(out)]
+    cmd = (TORCHRUN if launcher == "torchrun" else ACCELERATE) + [
+        str(EXAMPLE), "--mode", mode, "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH), "--out", str(out)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     theta = torch.load(out)
