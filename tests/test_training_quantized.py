@@ -96,6 +96,43 @@ def test_bitsandbytes_nf4_base(device):
     check_against_reference(model, nf4_dequantized, device)
 
 
+def test_bitsandbytes_nf4_llama_from_pretrained(tmp_path):
+    """The documented recipe: from_pretrained with BitsAndBytesConfig (NF4), then inject by name."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed (pip install 'unilora_kernels[quant]')")
+    pytest.importorskip("transformers")
+    import bitsandbytes as bnb
+    from conftest import tiny_llama
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tiny_llama(hidden=64, inter=128).save_pretrained(tmp_path)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    try:
+        model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=nf4, device_map="cpu",
+                                                 dtype=torch.float32)
+    except (RuntimeError, NotImplementedError, ImportError, ValueError) as exc:
+        pytest.skip(f"transformers cannot load a bitsandbytes 4-bit model on CPU here: {type(exc).__name__}: {exc}")
+    ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ref_modules = dict(ref.named_modules())
+    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any(n.endswith("q_proj") for n, _ in quantized)
+    with torch.no_grad():
+        for name, layer in quantized:
+            ref_modules[name].weight.copy_(nf4_dequantized(layer))
+    for m in (model, ref):
+        uk.inject(m, uk.UniLoRAConfig(**CONFIG)).train()
+        with torch.no_grad():
+            m.unilora_theta_d.copy_(torch.randn(CONFIG["theta_d_length"], generator=torch.Generator().manual_seed(5)))
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (model, ref)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(model.unilora_theta_d.grad, ref.unilora_theta_d.grad, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # torchao int8 weight-only
 # --------------------------------------------------------------------------------------------
