@@ -4,6 +4,7 @@ Public API: ``UniLoRAConfig``, ``inject``, ``UniLoRALinear``, ``from_peft``, ``l
 ``save_adapter``, ``merge``, ``unmerge``, ``export_lora``, ``ops`` and ``build_info``.
 """
 
+from . import hf_trainer  # UniLoRATrainer, adapter_checkpoints: transformers is imported on first use
 from . import ops
 from ._version import __version__
 from .backends import BackendNotAvailableError
@@ -22,6 +23,7 @@ __all__ = [
     "export_lora",
     "find_targets",
     "from_peft",
+    "hf_trainer",
     "inject",
     "iter_layers",
     "load_adapter",
