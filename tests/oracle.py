@@ -25,6 +25,13 @@ TOL = {
 }
 
 
+def tolerance_dtype(dtype: torch.dtype, kind: str) -> torch.dtype:
+    """The TOL entry a result of activations in ``dtype`` is held to. Scales are fp32 tensors by
+    design and the oracle's hashed scale is an exact fp64 rsqrt, so float64 runs of the hashed
+    projection agree to fp32 precision only (on every backend)."""
+    return torch.float32 if dtype == torch.float64 and kind == "hashed" else dtype
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()

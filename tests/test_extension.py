@@ -1,9 +1,8 @@
 """The compiled extension (``unilora_kernels._C``, backends ``cpu`` and ``cuda``).
 
-* the ``cpu`` backend module against the float64 oracle: odd shapes, every dtype, dropout with
-  the oracle's mask, uniform and hashed projections, grad_x accumulated in place or fresh;
-* the public API (ops, UniLoRALinear, inject) with backend="cpu" against the reference backend,
-  and gradcheck in float64;
+* the ``cpu`` backend against the float64 oracle: tests/test_backend_contract.py (every op and
+  primitive); here ``linear_autograd``, the C++ autograd op only the compiled backends have;
+* UniLoRALinear and inject with backend="cpu" against the reference backend;
 * torch.library.opcheck of every C++ op;
 * the header's index and dropout math bit for bit against projection.py and philox.py;
 * clear errors for bad inputs;
@@ -22,8 +21,9 @@ import torch
 from torch import nn
 
 import unilora_kernels as uk
-from oracle import TOL, assert_close, make_projection, oracle, random_theta
-from unilora_kernels import backends, ops, philox
+from contract import check_linear_autograd, kind_p_params
+from oracle import assert_close, make_projection, random_theta
+from unilora_kernels import backends, philox
 from unilora_kernels import projection as P
 from unilora_kernels.build_info import extension_info
 
@@ -34,16 +34,7 @@ if INFO.get("built"):
     from unilora_kernels.backends import extension as ext
     C = torch.ops.unilora_C
 
-# M in {1, 3, 17, 64, 300}; in/out multiples of nothing; r in {1, 3, 4, 16, 64}
-SHAPES = [(1, 37, 53, 1), (3, 37, 53, 3), (17, 45, 91, 4), (64, 29, 31, 16), (300, 61, 19, 64), (1, 130, 70, 64)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 D_SMALL = 97
-
-
-def _tol_dtype(dtype, kind):
-    # Scales are fp32 tensors by design; the oracle's hashed scale is an exact fp64 rsqrt, so fp64
-    # runs of the hashed projection agree to fp32 precision only (true of every backend).
-    return torch.float32 if dtype == torch.float64 and kind == "hashed" else dtype
 
 
 def _seed(p):
@@ -58,61 +49,6 @@ def _inputs(shape, dtype, kind, device="cpu", extra_layers=1):
         theta = theta.double()
     x = torch.randn(M, in_f, device=device).to(dtype)
     return proj, theta, x
-
-
-# ------------------------------------------------------------------ backend module vs oracle --
-@needs_ext
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d-in%d-out%d-r%d" % s)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["uniform", "hashed"])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_cpu_backend_matches_oracle(shape, dtype, kind, p):
-    M, in_f, out_f, r = shape
-    proj, theta, x = _inputs(shape, dtype, kind)
-    seed = _seed(p)
-    base = torch.randn(M, out_f).to(dtype)
-    g = torch.randn(M, out_f).to(dtype)
-    ref = oracle(x, theta, proj, base_out=base, p=p, seed=seed, grad_out=g)
-    tol = _tol_dtype(dtype, kind)
-
-    out = base.clone()
-    h = ext.forward_(out, x, theta, proj, p, seed)
-    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and h.shape == (M, r)
-    assert_close(out, ref["out"], tol, "out")
-
-    gx, gt = ext.backward(g, x, theta, proj, p, seed, h, None, True, True)
-    assert gx.dtype == dtype and gt.dtype == theta.dtype and gt.shape == theta.shape
-    assert_close(gx, ref["grad_x"], tol, "grad_x")
-    assert_close(gt, ref["grad_theta"], tol, "grad_theta")
-
-    # grad_x accumulated in place into a given tensor (the fused linear op passes g W there)
-    acc = torch.randn(M, in_f).to(dtype)
-    expected = acc.double() + ref["grad_x"]
-    gx2, gt2 = ext.backward(g, x, theta, proj, p, seed, h, acc, True, False)
-    assert gx2 is acc and gt2 is None
-    assert_close(acc, expected, tol, "grad_x in place")
-    gx3, gt3 = ext.backward(g, x, theta, proj, p, seed, h, None, False, True)
-    assert gx3 is None
-    assert_close(gt3, ref["grad_theta"], tol, "grad_theta alone")
-
-
-@needs_ext
-@pytest.mark.parametrize("kind", ["uniform", "hashed"])
-def test_lora_matrices_and_low_precision_output(kind):
-    shape = (5, 33, 21, 3)
-    proj, theta, x = _inputs(shape, torch.bfloat16, kind)
-    A, B = ext.lora_matrices(theta, proj)
-    from oracle import lora_AB64
-
-    A64, B64 = lora_AB64(theta.double(), proj)
-    assert A.dtype == B.dtype == torch.float32
-    assert_close(A, A64, torch.float32, "A")
-    assert_close(B, B64, torch.float32, "B")
-    # an fp32 output with bf16 activations (mixed dtypes: h in fp32, one rounding)
-    base = torch.randn(5, 21)
-    out = base.clone()
-    ext.forward_(out, x, theta, proj, 0.0, None)
-    assert_close(out, oracle(x, theta, proj, base_out=base)["out"], torch.bfloat16, "fp32 out, bf16 x")
 
 
 @needs_ext
@@ -160,35 +96,8 @@ def test_layer_and_inject_match_reference(kind, p):
 
 
 @needs_ext
-def test_auto_resolves_to_cpu_and_strided_3d_input():
+def test_auto_resolves_to_cpu():
     assert backends.resolve("auto", "cpu") == "cpu"
-    proj, theta, _ = _inputs((1, 40, 24, 4), torch.float32, "uniform")
-    big = torch.randn(2, 5, 80)
-    x = big[..., :40]  # row-strided 3-D input
-    w, b = torch.randn(24, 40), torch.randn(24)
-    out = ops.linear(x, w, b, theta, proj.scales, proj.idx_a, proj.idx_b, backend="cpu")
-    ref = oracle(x, theta, proj, weight=w, bias=b)
-    assert_close(out, ref["out"], torch.float32, "strided 3-D")
-
-
-@needs_ext
-@pytest.mark.parametrize("kind", ["uniform", "hashed"])
-@pytest.mark.parametrize("p", [0.0, 0.4])
-def test_gradcheck_float64_through_public_op(kind, p):
-    M, in_f, out_f, r, d = 5, 6, 4, 3, 7  # M > 4: the BLAS path; M = 1 below: the small-M path
-    proj = make_projection(in_f, out_f, r, d, kind)
-    seed = torch.tensor([12345], dtype=torch.int64) if p > 0 else None
-    w = torch.randn(out_f, in_f, dtype=torch.float64)
-    theta = torch.randn(d, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(out_f, dtype=torch.float64, requires_grad=True)
-    for rows in (M, 1):
-        x = torch.randn(rows, in_f, dtype=torch.float64, requires_grad=True)
-
-        def f(x, bias, theta):
-            return ops.linear(x, w, bias, theta, proj.scales, proj.idx_a, proj.idx_b, r=r, hashed=proj.hashed,
-                              dropout_p=p, seed=seed, backend="cpu")
-
-        assert torch.autograd.gradcheck(f, (x, bias, theta))
 
 
 # ------------------------------------------------------------------ opcheck ------------------
@@ -206,8 +115,7 @@ def _op_samples(kind, device="cpu", p=0.0):
 
 
 @needs_ext
-@pytest.mark.parametrize("kind", ["uniform", "hashed"])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind,p", kind_p_params(0.3))
 def test_opcheck_every_cpp_op(kind, p):
     proj, theta, x, out, g, common, (M, in_f, out_f, r, d) = _op_samples(kind, p=p)
     for xs in (x, x[:2]):  # the BLAS path and the small-M path
@@ -244,36 +152,7 @@ def test_opcheck_every_cpp_op(kind, p):
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_linear_autograd_matches_oracle(M, weight_t, with_bias, p):
-    """unilora_C::linear_autograd (autograd in C++, what UniLoRALinear trains with on cpu/cuda):
-    output and the gradients of x, theta, a trainable weight and bias against the oracle; the
-    same output below autograd (inference mode)."""
-    in_f, out_f, r = 37, 53, 4
-    proj = make_projection(in_f, out_f, r, D_SMALL, "uniform", seed=1, extra_layers=1)
-    theta = random_theta(D_SMALL, 3).requires_grad_(True)
-    w = ((torch.randn(in_f, out_f) if weight_t else torch.randn(out_f, in_f)) / in_f**0.5).requires_grad_(True)
-    b = torch.randn(out_f).requires_grad_(True) if with_bias else None
-    x = torch.randn(M, in_f).requires_grad_(True)
-    g = torch.randn(M, out_f)
-    seed = _seed(p)
-    out = ext.linear_autograd(x, w, b, weight_t, theta, proj, p, seed)
-    ref = oracle(x, theta, proj, weight=w, bias=b, weight_t=weight_t, p=p, seed=seed, grad_out=g)
-    assert_close(out, ref["out"], torch.float32, "out")
-    inputs = [x, w, theta] + ([b] if with_bias else [])
-    grads = torch.autograd.grad(out, inputs, g)
-    assert_close(grads[0], ref["grad_x"], torch.float32, "grad_x")
-    gw = (x.double().t() @ g.double()) if weight_t else (g.double().t() @ x.double())
-    assert_close(grads[1], gw, torch.float32, "grad_weight")
-    assert_close(grads[2], ref["grad_theta"], torch.float32, "grad_theta")
-    if with_bias:
-        assert_close(grads[3], ref["grad_bias"], torch.float32, "grad_bias")
-    # frozen base: only x and theta get gradients
-    out2 = ext.linear_autograd(x, w.detach(), None if b is None else b.detach(), weight_t, theta, proj, p, seed)
-    gx2, gt2 = torch.autograd.grad(out2, [x, theta], g)
-    assert torch.equal(gx2, grads[0]) and torch.equal(gt2, grads[2])
-    with torch.inference_mode():
-        out3 = ext.linear_autograd(x.detach(), w.detach(), None if b is None else b.detach(), weight_t,
-                                   theta.detach(), proj, p, seed)
-    assert torch.equal(out3, out.detach())
+    check_linear_autograd(ext, "cpu", (M, 37, 53, 4), torch.float32, weight_t, with_bias, p)
 
 
 @needs_ext

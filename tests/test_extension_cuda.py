@@ -1,9 +1,10 @@
 """The ``cuda`` backend on a GPU (``gpu`` marker; skipped where there is none).
 
-Same checks as tests/test_extension.py on CUDA tensors at real sizes: the fused decode kernel
-(M <= 16) and the gather + cuBLAS path against the float64 oracle, the atomic and the
-deterministic scatter, the header's bit-exact index and dropout math, opcheck, gradcheck, and
-CUDA-graph capture of the cooperative decode launch.
+The backend contract (tests/test_backend_contract.py) runs ``cuda`` on odd shapes, gradcheck
+included; here, at real sizes: the fused decode kernel (M <= 16) and the gather + cuBLAS path
+against the float64 oracle, the atomic and the deterministic scatter, the header's bit-exact index
+and dropout math, opcheck of the C++ ops, linear_autograd, and CUDA-graph capture of the
+cooperative decode launch.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import assert_close, make_projection, oracle, random_theta
-from unilora_kernels import backends, ops, philox
+from contract import check_linear_autograd, check_primitives
+from oracle import assert_close, make_projection, random_theta
+from unilora_kernels import backends, philox
 from unilora_kernels import projection as P
 from unilora_kernels.build_info import extension_info
 
@@ -46,30 +48,9 @@ def _inputs(shape, dtype, kind, extra_layers=1):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["uniform", "hashed"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_cuda_backend_matches_oracle(shape, dtype, kind, p):
-    M, in_f, out_f, r = shape
-    proj, theta, x = _inputs(shape, dtype, kind)
-    seed = 987654321 if p > 0 else None
-    base = torch.randn(M, out_f, device=DEV).to(dtype)
-    g = torch.randn(M, out_f, device=DEV).to(dtype)
-    ref = oracle(x, theta, proj, base_out=base, p=p, seed=seed, grad_out=g)
-    out = base.clone()
-    h = ext.forward_(out, x, theta, proj, p, seed)
-    assert h.dtype == torch.float32 and h.shape == (M, r)
-    assert_close(out, ref["out"], dtype, "out")
-    for det in (False, True):
-        acc = torch.randn(M, in_f, device=DEV).to(dtype)
-        expected = acc.double() + ref["grad_x"]
-        torch.use_deterministic_algorithms(det)
-        try:
-            gx, gt = ext.backward(g, x, theta, proj, p, seed, h, acc, True, True)
-        finally:
-            torch.use_deterministic_algorithms(False)
-        assert_close(acc, expected, dtype, "grad_x in place")
-        assert_close(gt, ref["grad_theta"], dtype, f"grad_theta deterministic={det}")
-    gx, _ = ext.backward(g, x, theta, proj, p, seed, h, None, True, False)
-    assert gx.dtype == dtype
-    assert_close(gx, ref["grad_x"], dtype, "grad_x fresh")
+def test_cuda_backend_matches_oracle_at_real_sizes(shape, dtype, kind, p):
+    """The contract's primitives check (tests/contract.py) at real layer widths and d."""
+    check_primitives(ext, DEV, shape, dtype, kind, p, d=D_THETA)
 
 
 @pytest.mark.parametrize("M", [1, 2, 7, 16])
@@ -134,21 +115,6 @@ def test_opcheck_every_cpp_op_on_cuda(kind, p):
                               (dA, dB, proj.scales, proj.idx_a, proj.idx_b, d, list(proj.hashed), torch.float32, det))
 
 
-@pytest.mark.parametrize("kind", ["uniform", "hashed"])
-def test_gradcheck_float64_on_cuda(kind):
-    M, in_f, out_f, r, d = 5, 6, 4, 3, 7
-    proj = make_projection(in_f, out_f, r, d, kind, device=DEV)
-    w = torch.randn(out_f, in_f, dtype=torch.float64, device=DEV)
-    theta = torch.randn(d, dtype=torch.float64, device=DEV, requires_grad=True)
-    x = torch.randn(M, in_f, dtype=torch.float64, device=DEV, requires_grad=True)
-
-    def f(x, theta):
-        return ops.linear(x, w, None, theta, proj.scales, proj.idx_a, proj.idx_b, r=r, hashed=proj.hashed,
-                          backend="cuda")
-
-    assert torch.autograd.gradcheck(f, (x, theta))
-
-
 def test_decode_forward_captures_in_a_cuda_graph():
     """The cooperative decode launch must be capturable (serving runs decode in CUDA graphs)."""
     proj, theta, x = _inputs((4, 4096, 4096, 16), torch.bfloat16, "uniform")
@@ -185,16 +151,4 @@ def test_backend_resolution_and_prefer_rule():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_linear_autograd_on_cuda(M, dtype):
     """unilora_C::linear_autograd (UniLoRALinear's eager training path) on CUDA tensors."""
-    in_f, out_f, r = 1024, 512, 4
-    proj, theta, x = _inputs((M, in_f, out_f, r), dtype, "uniform")
-    theta.requires_grad_(True)
-    x.requires_grad_(True)
-    w = (torch.randn(out_f, in_f, device=DEV) / in_f**0.5).to(dtype)
-    b = torch.randn(out_f, device=DEV).to(dtype)
-    g = torch.randn(M, out_f, device=DEV).to(dtype)
-    out = ext.linear_autograd(x, w, b, False, theta, proj, 0.0, None)
-    ref = oracle(x, theta, proj, weight=w, bias=b, grad_out=g)
-    assert_close(out, ref["out"], dtype, "out")
-    gx, gt = torch.autograd.grad(out, [x, theta], g)
-    assert_close(gx, ref["grad_x"], dtype, "grad_x")
-    assert_close(gt, ref["grad_theta"], dtype, "grad_theta")
+    check_linear_autograd(ext, DEV, (M, 1024, 512, 4), dtype, weight_t=False, with_bias=True, p=0.0)
