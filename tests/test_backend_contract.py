@@ -67,15 +67,6 @@ def _full_matrix(backend: str) -> bool:
     return backend != "triton" or HAS_CUDA
 
 
-def _known_issue(backend: str, dtype: torch.dtype, kind: str, p: float):
-    if backend == "reference" and dtype == torch.float64 and kind == "uniform" and p > 0:
-        # backends/reference.py backward: bool mask * keep_scale(p) is an fp32 tensor, so grad_x
-        # under dropout is rounded to fp32 (1e-7) in a float64 run (hashed float64 cases are held
-        # to fp32 anyway); strict: it fails once fixed, then drop this
-        return [pytest.mark.xfail(strict=True, reason="reference: fp32 dropout scale in float64 grad_x")]
-    return []
-
-
 def _cases(factors: dict, backend: str, slow_factors: dict):
     """pytest params for one backend: the pairwise covering rows of ``factors``; with the full
     matrix, every other combination of ``slow_factors`` too, marked slow (the other factors
@@ -102,7 +93,7 @@ def _cases(factors: dict, backend: str, slow_factors: dict):
                          [f"{k}{row[k]}" if k in ("p", "dims") else str(row[k])
                           for k in row if k not in ("shape", "dtype")])
         out.append(pytest.param(backend, *row.values(), id=ident,
-                                marks=marks + extra + _known_issue(backend, row["dtype"], row["kind"], row["p"])))
+                                marks=marks + extra))
     return out
 
 

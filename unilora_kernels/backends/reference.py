@@ -89,7 +89,7 @@ def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need
     if need_x:
         if p > 0:
             t = gB @ A
-            t.mul_(philox.dropout_keep(seed, x.shape[0], x.shape[1], p, device=x.device) * philox.keep_scale(p))
+            t.mul_(philox.dropout_keep(seed, x.shape[0], x.shape[1], p, device=x.device)).mul_(philox.keep_scale(p))
             grad_x = t.to(x.dtype) if grad_x is None else grad_x.add_(t)
         elif grad_x is None:
             grad_x = (gB @ A).to(x.dtype)
