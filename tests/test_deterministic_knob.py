@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unilora_kernels import ops
-from unilora_kernels.backends import BackendNotAvailableError, get_backend, policy
+from unilora_kernels.backends import BackendNotAvailableError, LayerProjection, get_backend, policy
 from unilora_kernels.projection import generate_index, uniform_scales
 
 SPELLINGS_ON = ["1", "true", "TRUE", "yes", "On", " on "]
@@ -64,3 +64,26 @@ def test_compiled_backend_passes_the_knob_to_cpp(monkeypatch, backend, value):
     out = ops.add_update(torch.zeros(5, out_f), x, theta, scales, idx_a, idx_b, backend=backend)
     out.sum().backward()
     assert seen == [value.strip() != "0"]
+
+
+@pytest.mark.parametrize("value", SPELLINGS_ON + ["0"])
+def test_triton_backend_takes_the_deterministic_schedule(monkeypatch, value):
+    """Triton (interpreter on CPU): with the knob on, backward reduces through the CSR of P^T
+    (csr_reduce_kernel) instead of float atomics."""
+    try:
+        tb = get_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+    except BackendNotAvailableError as exc:
+        pytest.skip(str(exc))
+    from unilora_kernels.backends import triton_launch
+
+    monkeypatch.setenv("UNILORA_DETERMINISTIC", value)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    theta, scales, idx_a, idx_b, in_f, out_f = _layer_args()
+    proj = LayerProjection(idx_a.to(device), idx_b.to(device), scales.to(device), 3, in_f, out_f, ())
+    x, g = torch.randn(40, in_f, device=device), torch.randn(40, out_f, device=device)
+    theta = theta.detach().to(device)
+    with triton_launch.record_launches() as rec:
+        h = tb.forward_(torch.zeros(40, out_f, device=device), x, theta, proj, 0.0, None)
+        tb.backward(g, x, theta, proj, 0.0, None, h, None, True, True)
+    names = [launch.launcher.name for launch in rec]
+    assert ("csr_reduce_kernel" in names) == (value.strip() != "0"), names
