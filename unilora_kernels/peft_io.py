@@ -202,7 +202,14 @@ def _check_same_adapter(model, bank: UniLoRABank, config: UniLoRAConfig, index_k
             )
     layers = iter_layers(model)
     mine = [n for n, _ in layers]
-    theirs = [n for n, _ in find_targets(model, config) if n in set(mine) or not n.endswith(".base_layer")]
+    # On an injected model a target is the UniLoRALinear or, for "all-linear" (which matches
+    # nn.Linear), the base layer inside it: both name the same adapted layer.
+    theirs = []
+    for n, _ in find_targets(model, config):
+        outer = n.removesuffix(".base_layer")
+        n = outer if outer in mine else n
+        if n not in theirs:
+            theirs.append(n)
     if theirs != mine:
         raise ValueError(
             f"{where}: the checkpoint adapts {len(theirs)} layers ({theirs[:3]}...), the model's adapter "
