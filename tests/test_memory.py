@@ -21,14 +21,20 @@ LAYERS, WIDTH, R, D_THETA = 16, 1024, 64, 65_533  # odd d: its byte size collide
 D = LAYERS * R * 2 * WIDTH
 
 
-def _backend_params():
+def _cases():
+    """(backend, projection, dropout). Hashed on the reference and Triton backends computes the
+    permutation per element in tensor ops or the interpreter, under the profiler: minutes, so
+    those two are slow (the cpu backend runs hashed in the default run)."""
     out = []
     for name in ("reference", "cpu", "triton"):
         try:
             backends.get_backend(name, "cpu")
-            out.append(pytest.param(name))
+            marks = []
         except backends.BackendNotAvailableError as exc:
-            out.append(pytest.param(name, marks=pytest.mark.skip(reason=str(exc))))
+            marks = [pytest.mark.skip(reason=str(exc))]
+        for projection, dropout in (("uniform", 0.0), ("hashed", 0.1)):
+            slow = [pytest.mark.slow] if projection == "hashed" and name != "cpu" else []
+            out.append(pytest.param(name, projection, dropout, marks=marks + slow, id=f"{projection}-{dropout}-{name}"))
     return out
 
 
@@ -47,8 +53,7 @@ def _model(backend, projection="uniform", dropout=0.0):
     return uk.inject(model, cfg)
 
 
-@pytest.mark.parametrize("backend", _backend_params())
-@pytest.mark.parametrize("projection,dropout", [("uniform", 0.0), ("hashed", 0.1)])
+@pytest.mark.parametrize("backend,projection,dropout", _cases())
 def test_no_D_sized_allocation_in_forward_backward(backend, projection, dropout):
     model = _model(backend, projection, dropout).train()
     assert sum(l.r * (l.in_features + l.out_features) for _, l in uk.iter_layers(model)) == D >= 2_000_000

@@ -73,7 +73,7 @@ def test_hashed_index_is_a_permutation_when_d_ge_D(D):
     assert torch.equal(torch.sort(idx).values, torch.arange(D))
 
 
-@pytest.mark.parametrize("D,d", [(1000, 37), (1200, 100), (50, 200), (70_001, 999)])
+@pytest.mark.parametrize("D,d", [(1000, 37), (1200, 100), (50, 200), pytest.param(70_001, 999, marks=pytest.mark.slow)])
 def test_hashed_counts_match_closed_form(D, d):
     idx = P.hashed_index(torch.arange(D), D, d, P.splitmix64(3))
     counts = torch.bincount(idx, minlength=d)
