@@ -266,7 +266,7 @@ def _drop_args(p: float, seed) -> dict:
     return dict(seed=int(seed), threshold=min(philox.keep_threshold(p), 2**31 - 1), drop_scale=philox.keep_scale(p))
 
 
-class _Call(NamedTuple):
+class _CallSetup(NamedTuple):
     """What every launch of one forward_ or backward call shares."""
 
     RP: int  # rank padded to a power of two >= 16 (the tl.dot minimum)
@@ -278,14 +278,14 @@ class _Call(NamedTuple):
     proj_args: dict  # _proj_args
 
 
-def _call(theta: torch.Tensor, proj: LayerProjection, p: float, seed, device: torch.device) -> _Call:
+def _setup_call(theta: torch.Tensor, proj: LayerProjection, p: float, seed, device: torch.device) -> _CallSetup:
     det = deterministic()
-    return _Call(_rp(proj.r), det, autotune_on(device, det), _drop_args(p, seed), *_perm_bases(proj),
+    return _CallSetup(_rp(proj.r), det, autotune_on(device, det), _drop_args(p, seed), *_perm_bases(proj),
                  _proj_args(theta, proj))
 
 
 def _shrink(x: torch.Tensor, proj: LayerProjection, idx, w_strides: tuple, base, lowp: bool, drop: dict,
-            c: _Call) -> torch.Tensor:
+            c: _CallSetup) -> torch.Tensor:
     """y = drop(x) W^T (M x r, fp32) by ``shrink_kernel``, W (r x K) gathered at layer positions
     ``i * w_strides[0] + k * w_strides[1]``: h = drop(x) A^T in forward, g B (W = B^T) in backward."""
     M, K = x.shape
@@ -318,7 +318,7 @@ def forward_(out2d, x2d, theta, proj: LayerProjection, p: float, seed):
     dev = x2d.device
     if M == 0:
         return torch.empty((0, R), dtype=torch.float32, device=dev)
-    c = _call(theta, proj, p, seed, dev)
+    c = _setup_call(theta, proj, p, seed, dev)
     lowp = _lowp(x2d.dtype, out2d.dtype)
     common = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp)
 
@@ -370,7 +370,7 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
         h = h.contiguous()
     x2d = _unit_last(x2d)
     g2d = _unit_last(g2d)
-    c = _call(theta, proj, p, seed, dev)
+    c = _setup_call(theta, proj, p, seed, dev)
     RP, det = c.RP, c.det
     n_sm = _num_sms(dev)
     n_a, n_layer = R * K, R * (K + N)
