@@ -24,7 +24,7 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 step "installing $TORCH_SPEC"
 "${PIP[@]}" "$TORCH_SPEC"
 step "installing test and benchmark dependencies"
-"${PIP[@]}" numpy ninja cmake pytest expecttest "peft==0.21.2" transformers safetensors matplotlib tqdm bitsandbytes torchao
+"${PIP[@]}" numpy ninja cmake build wheel pytest expecttest "peft==0.21.2" transformers safetensors matplotlib tqdm bitsandbytes torchao
 
 # The CUDA build needs nvcc and the CUDA headers that torch's headers include (cusparse.h
 # ships in the nvidia/cu13 wheel).
