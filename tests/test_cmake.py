@@ -1,8 +1,9 @@
 """CMakeLists.txt builds the op library with find_package(Torch); torch.ops.load_library loads it.
 
-Configured and built once (CPU kernels, Release) into a temporary directory, then loaded in a
-fresh interpreter that never imports unilora_kernels._C (one process cannot register the
-unilora_C namespace twice) and checked against plain torch.
+Configured and built (CPU kernels, Release) into build/cmake-test of the checkout, kept between
+runs so that a rerun recompiles only what changed (the first build takes minutes: marked slow),
+then loaded in a fresh interpreter that never imports unilora_kernels._C (one process cannot
+register the unilora_C namespace twice) and checked against plain torch.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+
+from unilora_kernels.backends import policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,14 +54,21 @@ SMOKE = textwrap.dedent(
 )
 
 
-def test_cmake_build_and_load(tmp_path):
+BUILD_DIR = Path(ROOT) / "build" / "cmake-test"
+
+
+@pytest.mark.slow
+def test_cmake_build_and_load():
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
-    args = [cmake, "-S", ROOT, "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release",
+    build_dir = BUILD_DIR
+    generator = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
+    cache = build_dir / "CMakeCache.txt"
+    if cache.exists() and f"CMAKE_GENERATOR:INTERNAL={generator}" not in cache.read_text():
+        shutil.rmtree(build_dir)  # made by another generator: cmake refuses to switch in place
+    args = [cmake, "-S", ROOT, "-B", str(build_dir), "-G", generator, "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}"]
-    if shutil.which("ninja"):
-        args += ["-G", "Ninja"]
     if torch.version.cuda is not None:
         # find_package(Torch) of a CUDA build of torch looks for the CUDA toolkit even for CPU code.
         cuda_home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
@@ -66,10 +77,14 @@ def test_cmake_build_and_load(tmp_path):
         args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}")
     cfg = subprocess.run(args, capture_output=True, text=True)
     assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+    # The decode limits come from backends/policy.py, as in setup.py.
+    flags = (build_dir / "build.ninja") if generator == "Ninja" else (build_dir / "CMakeFiles" / "unilora_C.dir" / "flags.make")
+    for name, value in (("M", policy.DECODE_MAX_M), ("R", policy.DECODE_MAX_R)):
+        assert f"-DUNILORA_DECODE_MAX_{name}={value}" in flags.read_text(), f"UNILORA_DECODE_MAX_{name} is not {value}"
     jobs = str(max(1, min(2, os.cpu_count() or 1)))
-    build = subprocess.run([cmake, "--build", str(tmp_path), "-j", jobs], capture_output=True, text=True)
+    build = subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    lib = tmp_path / "libunilora_C.so"
-    assert lib.exists(), sorted(os.listdir(tmp_path))
-    run = subprocess.run([sys.executable, "-c", SMOKE, str(lib)], capture_output=True, text=True, cwd=str(tmp_path))
+    lib = build_dir / "libunilora_C.so"
+    assert lib.exists(), sorted(os.listdir(build_dir))
+    run = subprocess.run([sys.executable, "-c", SMOKE, str(lib)], capture_output=True, text=True, cwd=str(build_dir))
     assert run.returncode == 0 and "cmake-smoke-ok" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
