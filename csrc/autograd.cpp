@@ -2,9 +2,8 @@
 //
 // Through the Python autograd.Function the training step of one layer runs ~15 Python frames
 // (forward and backward); right after a large GEMM the interpreter's code and data are out of
-// cache, and those frames cost ~0.5 ms per layer and step on CPU (measured at 1024 x 1024,
-// M = 2048: as much as the whole adapter backward). Here forward and backward are one C++ call
-// each. The math is unilora_C::linear / linear_backward (called through the dispatcher, so the
+// cache, and on CPU those frames cost about as much as the whole adapter backward (docs/PERF.md).
+// Here forward and backward are one C++ call each. The math is unilora_C::linear / linear_backward (called through the dispatcher, so the
 // CPU or CUDA kernels run); registered in ops.cpp, fake kernel in backends/extension.py.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>

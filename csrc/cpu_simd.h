@@ -1,6 +1,7 @@
 // Hand-vectorised loops of the CPU backend, for the products BLAS runs badly here: the ones
 // with a dimension of r (~4) and the M <= 4 decode GEMV fused with the update. Pointer-level
-// and single-threaded: callers (cpu_kernels.cpp) split rows between threads.
+// and single-threaded: callers (cpu_adapter_simd.cpp, cpu_decode.cpp, cpu_fold.cpp) split rows
+// between threads.
 //
 // x86-64 builds carry an AVX2+FMA version (and AVX-512 loops for the update and backward) selected at run
 // time (the package is built for the baseline ISA, so the compiler would emit SSE2 only);
