@@ -1,29 +1,36 @@
 // Hand-vectorised CPU loops (see cpu_simd.h for what each computes and why it exists).
 //
-// Measured at in = out = 1024, r = 4, 2 threads (AMD EPYC): MKL runs the (r x K) @ (K x rows)
-// products of the backward at ~13 GFLOP/s (80 us per 4 x 1024 x 128 block) and the fold
-// W + B A (K = r) in ~1 ms, where one pass over the data takes ~0.16 ms (data in cache).
+// The loops are written once, as templates over an ISA-traits type (Avx2, Avx512: the vector
+// type, its width, load/store/fma/hsum and how a row's tail is done), and instantiated inside
+// one entry function per ISA that carries the ISA's target attribute and inlines them all
+// (`flatten`): GCC and clang cannot give a template a target that depends on its parameter.
 #include "cpu_simd.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define UNILORA_SIMD_X86 1
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own "undefined" placeholder vectors
 // once inlined (GCC bug 105593, fixed in 13): not a problem of this code.
-#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+// The ISA-generic templates pass vectors to the traits' functions; compiled on their own (for the
+// baseline ISA) that would be a different ABI, but they only ever run inlined into an entry below.
+#pragma GCC diagnostic ignored "-Wpsabi"
 // Compiled for AVX2+FMA (AVX-512F) whatever the build's -march; only called after available()
 // (avx512()).
 #define UNILORA_AVX2 __attribute__((target("avx2,fma")))
 #define UNILORA_AVX512 __attribute__((target("avx512f,fma")))
+// An ISA entry: everything it calls is inlined into it, so compiled for its target.
+#define UNILORA_ENTRY __attribute__((flatten))
 // The fold has no reductions: the compiler vectorises one body per ISA, picked at load time.
 #define UNILORA_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -109,14 +116,64 @@ UNILORA_CLONES void fold_rows(const double* w, int64_t ldw, const double* s, int
 #ifdef UNILORA_SIMD_X86
 namespace {
 
+// ---- ISA traits ----------------------------------------------------------------------------
+// kMaskedTail: a row's last partial vector is one masked vector (AVX-512: Mask, tail_mask,
+// load_tail, store_tail), else scalar code.
+// kAxpyK: columns of r per pass of axpys (AVX2's 16 registers hold MR row vectors and MR
+// coefficients for one; AVX-512's 32 hold them for four).
+// dots_k(MR): columns of r per pass of dots (MR x k accumulators, MR row vectors and one
+// matrix vector must fit the registers: no spills).
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int64_t kWidth = 8;
+  static constexpr bool kMaskedTail = false;
+  static constexpr int kAxpyK = 1;
+  static constexpr int dots_k(int mr) { return mr >= 3 ? 2 : 4; }
+  UNILORA_AVX2 static inline Vec zero() { return _mm256_setzero_ps(); }
+  UNILORA_AVX2 static inline Vec set1(float v) { return _mm256_set1_ps(v); }
+  UNILORA_AVX2 static inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  UNILORA_AVX2 static inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  UNILORA_AVX2 static inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  UNILORA_AVX2 static inline float hsum(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct Avx512 {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t kWidth = 16;
+  static constexpr bool kMaskedTail = true;
+  static constexpr int kAxpyK = 4;
+  static constexpr int dots_k(int) { return 4; }
+  UNILORA_AVX512 static inline Vec zero() { return _mm512_setzero_ps(); }
+  UNILORA_AVX512 static inline Vec set1(float v) { return _mm512_set1_ps(v); }
+  UNILORA_AVX512 static inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  UNILORA_AVX512 static inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  UNILORA_AVX512 static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  // Sum of the 16 lanes (folding halves; GCC 12's _mm512_reduce_add_ps warns under -Wall).
+  UNILORA_AVX512 static inline float hsum(Vec v) {
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+    __m128 s = _mm512_castps512_ps128(v);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // The first `left` (< 16) lanes.
+  UNILORA_AVX512 static inline Mask tail_mask(int64_t left) { return static_cast<Mask>((1u << left) - 1u); }
+  UNILORA_AVX512 static inline Vec load_tail(Mask mk, const float* p) { return _mm512_maskz_loadu_ps(mk, p); }
+  UNILORA_AVX512 static inline void store_tail(Mask mk, float* p, Vec v) { _mm512_mask_storeu_ps(p, mk, v); }
+};
+
 // Rows [0, rows) of a matrix (row stride ld) that the next block of rows will read: the loop over
 // the columns of the current block calls touch(i) once per 16 floats (one 64-byte line) and
 // fetches that line of each next row into L2. At 1024 features a row is a 4 KB page, and the
 // hardware prefetchers stop at page boundaries, so without this each block of rows starts with
-// misses to memory. Measured after a cache flush at 2048 x 1024, 2 threads: theta's gradient
-// (gather, adapter backward, scatter) 14% faster with AVX-512, 10% with AVX2, with the next
-// block of rows prefetched (one block ahead: as good as two, better than four or eight); the
-// fold with its next row prefetched, 0.57 -> 0.50 ms (medians of 60 paired calls).
+// misses to memory. One block ahead is enough.
 struct Ahead {
   const float* p = nullptr;
   int64_t ld = 0;
@@ -126,92 +183,139 @@ struct Ahead {
   }
 };
 
-UNILORA_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+template <int N>
+using Int = std::integral_constant<int, N>;
 
-// out[m * ldo + kk] = rows[m, :n] . mat[kk, :n] for m < MR, kk < KN (mat rows n apart).
-// MR x KN independent accumulators: each loaded vector feeds several FMAs.
-template <int MR, int KN>
-UNILORA_AVX2 void dots(const float* rows, int64_t ld, const float* mat, int64_t n, float* out, int64_t ldo,
-                       const Ahead& pf = Ahead()) {
-  __m256 acc[MR][KN];
-  for (int m = 0; m < MR; ++m)
-    for (int k = 0; k < KN; ++k) acc[m][k] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    if ((i & 15) == 0) pf.touch(i);
-    __m256 xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(rows + m * ld + i);
-    for (int k = 0; k < KN; ++k) {
-      const __m256 av = _mm256_loadu_ps(mat + k * n + i);
-      for (int m = 0; m < MR; ++m) acc[m][k] = _mm256_fmadd_ps(xv[m], av, acc[m][k]);
+// Where one step of a loop below reads and writes: whole vectors (FullLanes), or the first
+// lanes of a row's last partial vector (TailLanes, ISAs with kMaskedTail only).
+template <class V>
+struct FullLanes {
+  typename V::Vec load(const float* p) const { return V::load(p); }
+  void store(float* p, typename V::Vec v) const { V::store(p, v); }
+};
+template <class V>
+struct TailLanes {
+  typename V::Mask mask;
+  typename V::Vec load(const float* p) const { return V::load_tail(mask, p); }
+  void store(float* p, typename V::Vec v) const { V::store_tail(mask, p, v); }
+};
+
+// f(k, Int<KN>()) for k = 0, KMAX, 2 KMAX, ... < kn, KN = min(KMAX, kn - k): the columns of r
+// in groups whose width is a compile-time constant (accumulators in registers).
+template <int KMAX, typename F>
+inline void column_groups(int64_t kn, const F& f) {
+  static_assert(KMAX >= 1 && KMAX <= 4, "column groups of 1 to 4");
+  for (int64_t k = 0; k < kn; k += KMAX) {
+    switch (std::min<int64_t>(KMAX, kn - k)) {
+      case 4: if constexpr (KMAX >= 4) f(k, Int<4>()); break;
+      case 3: if constexpr (KMAX >= 3) f(k, Int<3>()); break;
+      case 2: if constexpr (KMAX >= 2) f(k, Int<2>()); break;
+      default: f(k, Int<1>()); break;
     }
   }
+}
+
+// step(lanes, i) over the vectors of a row of n floats: whole vectors, touching pf once per
+// 64-byte line, then on ISAs with kMaskedTail the last partial vector. Returns where the
+// scalar tail (of the other ISAs) starts.
+template <class V, class Step>
+inline int64_t over_vectors(int64_t n, const Ahead& pf, const Step& step) {
+  int64_t i = 0;
+  for (; i + V::kWidth <= n; i += V::kWidth) {
+    if ((i & 15) == 0) pf.touch(i);
+    step(FullLanes<V>(), i);
+  }
+  if constexpr (V::kMaskedTail) {
+    if (i < n) step(TailLanes<V>{V::tail_mask(n - i)}, i);
+    i = n;
+  }
+  return i;
+}
+
+// out[m * ldo + k] = rows[m, :n] . mat[k, :n] for m < MR, k < KN (mat rows n apart).
+// MR x KN independent accumulators: each loaded vector feeds several FMAs. Full vectors, then
+// the tail (masked memory ops cost more on some CPUs).
+template <class V, int MR, int KN>
+inline void dots(const float* rows, int64_t ld, const float* mat, int64_t n, float* out, int64_t ldo,
+                 const Ahead& pf) {
+  typename V::Vec acc[MR][KN];
+  for (int m = 0; m < MR; ++m)
+    for (int k = 0; k < KN; ++k) acc[m][k] = V::zero();
+  const int64_t tail = over_vectors<V>(n, pf, [&](const auto& lanes, int64_t i) {
+    typename V::Vec xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = lanes.load(rows + m * ld + i);
+    for (int k = 0; k < KN; ++k) {
+      const typename V::Vec av = lanes.load(mat + k * n + i);
+      for (int m = 0; m < MR; ++m) acc[m][k] = V::fma(xv[m], av, acc[m][k]);
+    }
+  });
   for (int m = 0; m < MR; ++m) {
     for (int k = 0; k < KN; ++k) {
-      float t = hsum(acc[m][k]);
-      for (int64_t j = i; j < n; ++j) t += rows[m * ld + j] * mat[k * n + j];
+      float t = V::hsum(acc[m][k]);
+      for (int64_t j = tail; j < n; ++j) t += rows[m * ld + j] * mat[k * n + j];
       out[m * ldo + k] = t;
     }
   }
 }
 
-// out[m * ldo + k] = rows[m] . mat[k] for all k < kn, KMAX at a time: MR x KMAX accumulators,
-// MR row vectors and one matrix vector must fit the 16 ymm registers (no spills).
-template <int MR>
-UNILORA_AVX2 void dots_all(const float* rows, int64_t ld, const float* mat, int64_t kn, int64_t n, float* out,
-                           int64_t ldo, const Ahead& pf = Ahead()) {
-  constexpr int KMAX = MR >= 3 ? 2 : 4;
+// out[m * ldo + k] = rows[m] . mat[k] for all k < kn; the next rows prefetched on the first pass.
+template <class V, int MR>
+inline void dots_all(const float* rows, int64_t ld, const float* mat, int64_t kn, int64_t n, float* out,
+                     int64_t ldo, const Ahead& pf = Ahead()) {
   const Ahead none;
-  int64_t k = 0;
-  for (; k + KMAX <= kn; k += KMAX) dots<MR, KMAX>(rows, ld, mat + k * n, n, out + k, ldo, k == 0 ? pf : none);
-  for (; k + 2 <= kn; k += 2) dots<MR, 2>(rows, ld, mat + k * n, n, out + k, ldo, k == 0 ? pf : none);
-  if (k < kn) dots<MR, 1>(rows, ld, mat + k * n, n, out + k, ldo, k == 0 ? pf : none);
+  column_groups<V::dots_k(MR)>(kn, [&](int64_t k, auto kw) {
+    dots<V, MR, decltype(kw)::value>(rows, ld, mat + k * n, n, out + k, ldo, k == 0 ? pf : none);
+  });
 }
 
-// dst[k, :n] += sum_m coef[m * ldc + k] * rows[m, :n] for k < kn (dst rows n apart).
-template <int MR>
-UNILORA_AVX2 void axpys(const float* rows, int64_t ld, const float* coef, int64_t ldc, int64_t kn, float* dst,
-                        int64_t n, const Ahead& pf = Ahead()) {
-  const Ahead none;
-  for (int64_t k = 0; k < kn; ++k) {
-    const Ahead& p = k == 0 ? pf : none;  // the next rows once, on the first pass
-    __m256 c[MR];
-    for (int m = 0; m < MR; ++m) c[m] = _mm256_set1_ps(coef[m * ldc + k]);
-    float* d = dst + k * n;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      if ((i & 15) == 0) p.touch(i);
-      __m256 v = _mm256_loadu_ps(d + i);
-      for (int m = 0; m < MR; ++m) v = _mm256_fmadd_ps(c[m], _mm256_loadu_ps(rows + m * ld + i), v);
-      _mm256_storeu_ps(d + i, v);
+// dst[k, :n] += sum_m coef[m * ldc + k] * rows[m, :n] for k < KN (dst rows n apart).
+template <class V, int MR, int KN>
+inline void axpys(const float* rows, int64_t ld, const float* coef, int64_t ldc, float* dst, int64_t n,
+                  const Ahead& pf) {
+  typename V::Vec c[MR][KN];
+  for (int m = 0; m < MR; ++m)
+    for (int k = 0; k < KN; ++k) c[m][k] = V::set1(coef[m * ldc + k]);
+  const int64_t tail = over_vectors<V>(n, pf, [&](const auto& lanes, int64_t i) {
+    typename V::Vec xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = lanes.load(rows + m * ld + i);
+    for (int k = 0; k < KN; ++k) {
+      typename V::Vec v = lanes.load(dst + k * n + i);
+      for (int m = 0; m < MR; ++m) v = V::fma(c[m][k], xv[m], v);
+      lanes.store(dst + k * n + i, v);
     }
-    for (; i < n; ++i) {
-      float v = d[i];
+  });
+  for (int64_t i = tail; i < n; ++i) {
+    for (int k = 0; k < KN; ++k) {
+      float v = dst[k * n + i];
       for (int m = 0; m < MR; ++m) v += coef[m * ldc + k] * rows[m * ld + i];
-      d[i] = v;
+      dst[k * n + i] = v;
     }
   }
+}
+
+// dst[k, :n] += sum_m coef[m * ldc + k] * rows[m, :n] for all k < kn.
+template <class V, int MR>
+inline void axpys_all(const float* rows, int64_t ld, const float* coef, int64_t ldc, int64_t kn, float* dst,
+                      int64_t n, const Ahead& pf = Ahead()) {
+  const Ahead none;
+  column_groups<V::kAxpyK>(kn, [&](int64_t k, auto kw) {
+    axpys<V, MR, decltype(kw)::value>(rows, ld, coef + k, ldc, dst + k * n, n, k == 0 ? pf : none);
+  });
 }
 
 // gx[m, :n] (= or +=) sum_k u[m * r + k] * A[k, :n] for m < MR.
-template <int MR>
-UNILORA_AVX2 void grad_rows(const float* u, const float* A, int64_t r, int64_t n, float* gx, int64_t ldgx, bool add) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 v[MR];
-    for (int m = 0; m < MR; ++m) v[m] = add ? _mm256_loadu_ps(gx + m * ldgx + i) : _mm256_setzero_ps();
+template <class V, int MR>
+inline void grad_rows(const float* u, const float* A, int64_t r, int64_t n, float* gx, int64_t ldgx, bool add) {
+  const int64_t tail = over_vectors<V>(n, Ahead(), [&](const auto& lanes, int64_t i) {
+    typename V::Vec v[MR];
+    for (int m = 0; m < MR; ++m) v[m] = add ? lanes.load(gx + m * ldgx + i) : V::zero();
     for (int64_t k = 0; k < r; ++k) {
-      const __m256 a = _mm256_loadu_ps(A + k * n + i);
-      for (int m = 0; m < MR; ++m) v[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(u + m * r + k), a, v[m]);
+      const typename V::Vec a = lanes.load(A + k * n + i);
+      for (int m = 0; m < MR; ++m) v[m] = V::fma(V::set1(u[m * r + k]), a, v[m]);
     }
-    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(gx + m * ldgx + i, v[m]);
-  }
-  for (; i < n; ++i) {
+    for (int m = 0; m < MR; ++m) lanes.store(gx + m * ldgx + i, v[m]);
+  });
+  for (int64_t i = tail; i < n; ++i) {
     for (int m = 0; m < MR; ++m) {
       float v = add ? gx[m * ldgx + i] : 0.f;
       for (int64_t k = 0; k < r; ++k) v += u[m * r + k] * A[k * n + i];
@@ -223,70 +327,100 @@ UNILORA_AVX2 void grad_rows(const float* u, const float* A, int64_t r, int64_t n
 // MR rows starting at row m: h and u in registers-sized buffers, then the three accumulations.
 // The x and g rows (MR x 4 KB at in = out = 1024) stay in L1 between the dots and the axpys.
 // The first pass over the block's x (g) rows also prefetches the next `ahead` rows of x (g).
-template <int MR>
-UNILORA_AVX2 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf, float* ubuf, int ahead) {
+template <class V, int MR>
+inline void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf, float* ubuf, int ahead) {
   const float* xr = a.x + m * a.ldx;
   const float* gr = a.g + m * a.ldg;
   Ahead px{xr + MR * a.ldx, a.ldx, ahead}, pg{gr + MR * a.ldg, a.ldg, ahead};
   if (a.dBT != nullptr) {
-    const float* hp = hbuf;
+    const float* h_rows = hbuf;
     int64_t ldh = a.r;
     if (a.h != nullptr) {
-      hp = a.h + m * a.ldh;
+      h_rows = a.h + m * a.ldh;
       ldh = a.ldh;
     } else {
-      dots_all<MR>(xr, a.ldx, a.A, a.r, a.in_f, hbuf, a.r, px);
+      dots_all<V, MR>(xr, a.ldx, a.A, a.r, a.in_f, hbuf, a.r, px);
       px.rows = 0;
     }
-    axpys<MR>(gr, a.ldg, hp, ldh, a.r, a.dBT, a.out_f, pg);
+    axpys_all<V, MR>(gr, a.ldg, h_rows, ldh, a.r, a.dBT, a.out_f, pg);
     pg.rows = 0;
   }
   if (a.dA == nullptr && a.gx == nullptr) return;
-  dots_all<MR>(gr, a.ldg, a.BT, a.r, a.out_f, ubuf, a.r, pg);
-  if (a.dA != nullptr) axpys<MR>(xr, a.ldx, ubuf, a.r, a.r, a.dA, a.in_f, px);
-  if (a.gx != nullptr) grad_rows<MR>(ubuf, a.A, a.r, a.in_f, a.gx + m * a.ldgx, a.ldgx, a.gx_add);
+  dots_all<V, MR>(gr, a.ldg, a.BT, a.r, a.out_f, ubuf, a.r, pg);
+  if (a.dA != nullptr) axpys_all<V, MR>(xr, a.ldx, ubuf, a.r, a.r, a.dA, a.in_f, px);
+  if (a.gx != nullptr) grad_rows<V, MR>(ubuf, a.A, a.r, a.in_f, a.gx + m * a.ldgx, a.ldgx, a.gx_add);
+}
+
+constexpr int64_t kRowStep = 4;  // rows per step of the forward and backward loops
+
+template <class V>
+inline void backward_loop(const AdapterBackward& a, int64_t m0, int64_t m1, float* hbuf, float* ubuf) {
+  for (int64_t m = m0; m < m1; m += kRowStep) {
+    const int64_t rows = std::min<int64_t>(kRowStep, m1 - m);
+    const int ahead = static_cast<int>(std::min<int64_t>(kRowStep, std::max<int64_t>(0, m1 - m - kRowStep)));
+    switch (rows) {
+      case 4: backward_rows<V, 4>(a, m, hbuf, ubuf, ahead); break;
+      case 3: backward_rows<V, 3>(a, m, hbuf, ubuf, ahead); break;
+      case 2: backward_rows<V, 2>(a, m, hbuf, ubuf, ahead); break;
+      default: backward_rows<V, 1>(a, m, hbuf, ubuf, ahead); break;
+    }
+  }
 }
 
 // The update of MR rows: h = x A^T (stored), out += h B^T.
-template <int MR>
-UNILORA_AVX2 void forward_rows(const AdapterForward& a, int64_t m) {
-  float* hp = a.h + m * a.r;
-  dots_all<MR>(a.x + m * a.ldx, a.ldx, a.A, a.r, a.in_f, hp, a.r);
-  grad_rows<MR>(hp, a.BT, a.r, a.out_f, a.out + m * a.ldo, a.ldo, true);
+template <class V, int MR>
+inline void forward_rows(const AdapterForward& a, int64_t m) {
+  float* h_rows = a.h + m * a.r;
+  dots_all<V, MR>(a.x + m * a.ldx, a.ldx, a.A, a.r, a.in_f, h_rows, a.r);
+  grad_rows<V, MR>(h_rows, a.BT, a.r, a.out_f, a.out + m * a.ldo, a.ldo, true);
 }
 
-template <int MM>
-UNILORA_AVX2 void gemv_impl(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, const float* bias,
-                            float* out, int64_t ldo, int64_t o0, int64_t o1) {
+template <class V>
+inline void forward_loop(const AdapterForward& a, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; m += kRowStep) {
+    switch (std::min<int64_t>(kRowStep, m1 - m)) {
+      case 4: forward_rows<V, 4>(a, m); break;
+      case 3: forward_rows<V, 3>(a, m); break;
+      case 2: forward_rows<V, 2>(a, m); break;
+      default: forward_rows<V, 1>(a, m); break;
+    }
+  }
+}
+
+// out[m * ldo + o] = bias[o] + w[o, :] . x[m, :] for m < MM, o in [o0, o1).
+template <class V, int MM>
+inline void gemv(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, const float* bias, float* out,
+                 int64_t ldo, int64_t o0, int64_t o1) {
+  static_assert(!V::kMaskedTail, "gemv's tails are scalar");
+  using Vec = typename V::Vec;
   constexpr int kRows = MM <= 2 ? 4 : 2;  // weight rows per step: kRows x MM accumulators in registers
-  int64_t o = o0;
-  for (; o < o1; o += kRows) {
+  for (int64_t o = o0; o < o1; o += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, o1 - o));
-    __m256 acc[kRows][MM];
+    Vec acc[kRows][MM];
     for (int q = 0; q < kRows; ++q)
-      for (int m = 0; m < MM; ++m) acc[q][m] = _mm256_setzero_ps();
+      for (int m = 0; m < MM; ++m) acc[q][m] = V::zero();
     int64_t i = 0;
     if (rows == kRows) {
-      for (; i + 8 <= n; i += 8) {
-        __m256 xv[MM];
-        for (int m = 0; m < MM; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + i);
+      for (; i + V::kWidth <= n; i += V::kWidth) {
+        Vec xv[MM];
+        for (int m = 0; m < MM; ++m) xv[m] = V::load(x + m * ldx + i);
         for (int q = 0; q < kRows; ++q) {
-          const __m256 wv = _mm256_loadu_ps(w + (o + q) * ldw + i);
-          for (int m = 0; m < MM; ++m) acc[q][m] = _mm256_fmadd_ps(wv, xv[m], acc[q][m]);
+          const Vec wv = V::load(w + (o + q) * ldw + i);
+          for (int m = 0; m < MM; ++m) acc[q][m] = V::fma(wv, xv[m], acc[q][m]);
         }
       }
     } else {
-      for (; i + 8 <= n; i += 8) {
+      for (; i + V::kWidth <= n; i += V::kWidth) {
         for (int q = 0; q < rows; ++q) {
-          const __m256 wv = _mm256_loadu_ps(w + (o + q) * ldw + i);
-          for (int m = 0; m < MM; ++m) acc[q][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + i), acc[q][m]);
+          const Vec wv = V::load(w + (o + q) * ldw + i);
+          for (int m = 0; m < MM; ++m) acc[q][m] = V::fma(wv, V::load(x + m * ldx + i), acc[q][m]);
         }
       }
     }
     for (int q = 0; q < rows; ++q) {
       const float* wr = w + (o + q) * ldw;
       for (int m = 0; m < MM; ++m) {
-        float t = hsum(acc[q][m]);
+        float t = V::hsum(acc[q][m]);
         for (int64_t j = i; j < n; ++j) t += wr[j] * x[m * ldx + j];
         out[m * ldo + o + q] = (bias != nullptr ? bias[o + q] : 0.f) + t;
       }
@@ -294,227 +428,54 @@ UNILORA_AVX2 void gemv_impl(const float* w, int64_t ldw, const float* x, int64_t
   }
 }
 
+// ---- the ISA entries: the templates above, instantiated and inlined per target ----
+UNILORA_AVX2 UNILORA_ENTRY void backward_avx2(const AdapterBackward& a, int64_t m0, int64_t m1, float* hbuf,
+                                              float* ubuf) {
+  backward_loop<Avx2>(a, m0, m1, hbuf, ubuf);
+}
+UNILORA_AVX512 UNILORA_ENTRY void backward_avx512(const AdapterBackward& a, int64_t m0, int64_t m1, float* hbuf,
+                                                  float* ubuf) {
+  backward_loop<Avx512>(a, m0, m1, hbuf, ubuf);
+}
+UNILORA_AVX2 UNILORA_ENTRY void forward_avx2(const AdapterForward& a, int64_t m0, int64_t m1) {
+  forward_loop<Avx2>(a, m0, m1);
+}
+UNILORA_AVX512 UNILORA_ENTRY void forward_avx512(const AdapterForward& a, int64_t m0, int64_t m1) {
+  forward_loop<Avx512>(a, m0, m1);
+}
+UNILORA_AVX2 UNILORA_ENTRY void gemv_avx2(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t mm,
+                                          int64_t n, const float* bias, float* out, int64_t ldo, int64_t o0,
+                                          int64_t o1) {
+  switch (mm) {
+    case 1: return gemv<Avx2, 1>(w, ldw, x, ldx, n, bias, out, ldo, o0, o1);
+    case 2: return gemv<Avx2, 2>(w, ldw, x, ldx, n, bias, out, ldo, o0, o1);
+    case 3: return gemv<Avx2, 3>(w, ldw, x, ldx, n, bias, out, ldo, o0, o1);
+    default: return gemv<Avx2, 4>(w, ldw, x, ldx, n, bias, out, ldo, o0, o1);
+  }
+}
+
 }  // namespace
 
-// The backward loops again for AVX-512: 32 zmm registers hold 4 rows x 4 columns of r at once,
-// so the rank-r updates run with every k in registers (i outer) and tails are masked loads.
-// Measured at 2048 x 1024, r = 4, 2 threads (AMD EPYC), data in cache: 0.45-0.6 ms against
-// 0.7-1.0 ms for AVX2. (With x and g coming from DRAM, as in the layer benchmark on that VM,
-// both took ~1.1 ms, bound by memory; with the next rows prefetched (Ahead) 0.85-1.0 ms.)
-namespace z {
-// Calls below name z:: explicitly: an Ahead argument (declared in the enclosing namespace) makes
-// argument-dependent lookup see the AVX2 templates of the same names as well.
-
-// Sum of the 16 lanes (folding halves; GCC 12's _mm512_reduce_add_ps warns under -Wall).
-UNILORA_AVX512 inline float hsum16(__m512 v) {
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
-  __m128 s = _mm512_castps512_ps128(v);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-UNILORA_AVX512 inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// out[m * ldo + k] = rows[m, :n] . mat[k, :n] for m < MR, k < KN.
-template <int MR, int KN>
-UNILORA_AVX512 void dots(const float* rows, int64_t ld, const float* mat, int64_t n, float* out, int64_t ldo,
-                         const Ahead& pf = Ahead()) {
-  __m512 acc[MR][KN];
-  for (int m = 0; m < MR; ++m)
-    for (int k = 0; k < KN; ++k) acc[m][k] = _mm512_setzero_ps();
-  // Full vectors, then one masked tail (masked memory ops cost more on some CPUs).
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    pf.touch(i);
-    __m512 xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(rows + m * ld + i);
-    for (int k = 0; k < KN; ++k) {
-      const __m512 av = _mm512_loadu_ps(mat + k * n + i);
-      for (int m = 0; m < MR; ++m) acc[m][k] = _mm512_fmadd_ps(xv[m], av, acc[m][k]);
-    }
-  }
-  if (i < n) {
-    const __mmask16 mk = tail_mask(n - i);
-    __m512 xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mk, rows + m * ld + i);
-    for (int k = 0; k < KN; ++k) {
-      const __m512 av = _mm512_maskz_loadu_ps(mk, mat + k * n + i);
-      for (int m = 0; m < MR; ++m) acc[m][k] = _mm512_fmadd_ps(xv[m], av, acc[m][k]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int k = 0; k < KN; ++k) out[m * ldo + k] = hsum16(acc[m][k]);
-}
-
-// dst[k, :n] += sum_m coef[m * ldc + k] * rows[m, :n] for k < KN.
-template <int MR, int KN>
-UNILORA_AVX512 void axpys(const float* rows, int64_t ld, const float* coef, int64_t ldc, float* dst, int64_t n,
-                          const Ahead& pf = Ahead()) {
-  __m512 c[MR][KN];
-  for (int m = 0; m < MR; ++m)
-    for (int k = 0; k < KN; ++k) c[m][k] = _mm512_set1_ps(coef[m * ldc + k]);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    pf.touch(i);
-    __m512 xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(rows + m * ld + i);
-    for (int k = 0; k < KN; ++k) {
-      __m512 v = _mm512_loadu_ps(dst + k * n + i);
-      for (int m = 0; m < MR; ++m) v = _mm512_fmadd_ps(c[m][k], xv[m], v);
-      _mm512_storeu_ps(dst + k * n + i, v);
-    }
-  }
-  if (i < n) {
-    const __mmask16 mk = tail_mask(n - i);
-    __m512 xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mk, rows + m * ld + i);
-    for (int k = 0; k < KN; ++k) {
-      __m512 v = _mm512_maskz_loadu_ps(mk, dst + k * n + i);
-      for (int m = 0; m < MR; ++m) v = _mm512_fmadd_ps(c[m][k], xv[m], v);
-      _mm512_mask_storeu_ps(dst + k * n + i, mk, v);
-    }
-  }
-}
-
-template <int MR>
-UNILORA_AVX512 void dots_all(const float* rows, int64_t ld, const float* mat, int64_t kn, int64_t n, float* out,
-                             int64_t ldo, const Ahead& pf = Ahead()) {
-  const Ahead none;
-  for (int64_t k = 0; k < kn; k += 4) {
-    const Ahead& p = k == 0 ? pf : none;  // the next rows once, on the first pass
-    switch (std::min<int64_t>(4, kn - k)) {
-      case 4: z::dots<MR, 4>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
-      case 3: z::dots<MR, 3>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
-      case 2: z::dots<MR, 2>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
-      default: z::dots<MR, 1>(rows, ld, mat + k * n, n, out + k, ldo, p); break;
-    }
-  }
-}
-
-template <int MR>
-UNILORA_AVX512 void axpys_all(const float* rows, int64_t ld, const float* coef, int64_t ldc, int64_t kn, float* dst,
-                              int64_t n, const Ahead& pf = Ahead()) {
-  const Ahead none;
-  for (int64_t k = 0; k < kn; k += 4) {
-    const Ahead& p = k == 0 ? pf : none;
-    switch (std::min<int64_t>(4, kn - k)) {
-      case 4: z::axpys<MR, 4>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
-      case 3: z::axpys<MR, 3>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
-      case 2: z::axpys<MR, 2>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
-      default: z::axpys<MR, 1>(rows, ld, coef + k, ldc, dst + k * n, n, p); break;
-    }
-  }
-}
-
-// gx[m, :n] (= or +=) sum_k u[m * r + k] * A[k, :n] for m < MR.
-template <int MR>
-UNILORA_AVX512 void grad_rows(const float* u, const float* A, int64_t r, int64_t n, float* gx, int64_t ldgx,
-                              bool add) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = tail_mask(n - i);
-    __m512 v[MR];
-    for (int m = 0; m < MR; ++m) v[m] = add ? _mm512_maskz_loadu_ps(mk, gx + m * ldgx + i) : _mm512_setzero_ps();
-    for (int64_t k = 0; k < r; ++k) {
-      const __m512 a = _mm512_maskz_loadu_ps(mk, A + k * n + i);
-      for (int m = 0; m < MR; ++m) v[m] = _mm512_fmadd_ps(_mm512_set1_ps(u[m * r + k]), a, v[m]);
-    }
-    for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(gx + m * ldgx + i, mk, v[m]);
-  }
-}
-
-// Same steps (and prefetches) as the AVX2 backward_rows.
-template <int MR>
-UNILORA_AVX512 void backward_rows(const AdapterBackward& a, int64_t m, float* hbuf, float* ubuf, int ahead) {
-  const float* xr = a.x + m * a.ldx;
-  const float* gr = a.g + m * a.ldg;
-  Ahead px{xr + MR * a.ldx, a.ldx, ahead}, pg{gr + MR * a.ldg, a.ldg, ahead};
-  if (a.dBT != nullptr) {
-    const float* hp = hbuf;
-    int64_t ldh = a.r;
-    if (a.h != nullptr) {
-      hp = a.h + m * a.ldh;
-      ldh = a.ldh;
-    } else {
-      z::dots_all<MR>(xr, a.ldx, a.A, a.r, a.in_f, hbuf, a.r, px);
-      px.rows = 0;
-    }
-    z::axpys_all<MR>(gr, a.ldg, hp, ldh, a.r, a.dBT, a.out_f, pg);
-    pg.rows = 0;
-  }
-  if (a.dA == nullptr && a.gx == nullptr) return;
-  z::dots_all<MR>(gr, a.ldg, a.BT, a.r, a.out_f, ubuf, a.r, pg);
-  if (a.dA != nullptr) z::axpys_all<MR>(xr, a.ldx, ubuf, a.r, a.r, a.dA, a.in_f, px);
-  if (a.gx != nullptr) grad_rows<MR>(ubuf, a.A, a.r, a.in_f, a.gx + m * a.ldgx, a.ldgx, a.gx_add);
-}
-
-template <int MR>
-UNILORA_AVX512 void forward_rows(const AdapterForward& a, int64_t m) {
-  float* hp = a.h + m * a.r;
-  z::dots_all<MR>(a.x + m * a.ldx, a.ldx, a.A, a.r, a.in_f, hp, a.r);
-  grad_rows<MR>(hp, a.BT, a.r, a.out_f, a.out + m * a.ldo, a.ldo, true);
-}
-
-}  // namespace z
-
 void adapter_backward(const AdapterBackward& a, int64_t m0, int64_t m1) {
-  constexpr int kMR = 4;  // rows per step
-  std::vector<float> hbuf(static_cast<size_t>(kMR * a.r)), ubuf(static_cast<size_t>(kMR * a.r));
-  const bool wide = avx512();
-  for (int64_t m = m0; m < m1; m += kMR) {
-    const int64_t rows = std::min<int64_t>(kMR, m1 - m);
-    const int ahead = static_cast<int>(std::min<int64_t>(kMR, std::max<int64_t>(0, m1 - m - kMR)));  // next block
-    if (wide) {
-      switch (rows) {
-        case 4: z::backward_rows<4>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-        case 3: z::backward_rows<3>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-        case 2: z::backward_rows<2>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-        default: z::backward_rows<1>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-      }
-      continue;
-    }
-    switch (rows) {
-      case 4: backward_rows<4>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-      case 3: backward_rows<3>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-      case 2: backward_rows<2>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-      default: backward_rows<1>(a, m, hbuf.data(), ubuf.data(), ahead); break;
-    }
+  std::vector<float> hbuf(static_cast<size_t>(kRowStep * a.r)), ubuf(static_cast<size_t>(kRowStep * a.r));
+  if (avx512()) {
+    backward_avx512(a, m0, m1, hbuf.data(), ubuf.data());
+  } else {
+    backward_avx2(a, m0, m1, hbuf.data(), ubuf.data());
   }
 }
 
 void adapter_forward(const AdapterForward& a, int64_t m0, int64_t m1) {
-  const bool wide = avx512();
-  for (int64_t m = m0; m < m1; m += 4) {
-    const int64_t rows = std::min<int64_t>(4, m1 - m);
-    if (wide) {
-      switch (rows) {
-        case 4: z::forward_rows<4>(a, m); break;
-        case 3: z::forward_rows<3>(a, m); break;
-        case 2: z::forward_rows<2>(a, m); break;
-        default: z::forward_rows<1>(a, m); break;
-      }
-      continue;
-    }
-    switch (rows) {
-      case 4: forward_rows<4>(a, m); break;
-      case 3: forward_rows<3>(a, m); break;
-      case 2: forward_rows<2>(a, m); break;
-      default: forward_rows<1>(a, m); break;
-    }
+  if (avx512()) {
+    forward_avx512(a, m0, m1);
+  } else {
+    forward_avx2(a, m0, m1);
   }
 }
 
 void gemv_rows(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t mm, int64_t in_f, const float* bias,
                float* out, int64_t ldo, int64_t o0, int64_t o1) {
-  switch (mm) {
-    case 1: return gemv_impl<1>(w, ldw, x, ldx, in_f, bias, out, ldo, o0, o1);
-    case 2: return gemv_impl<2>(w, ldw, x, ldx, in_f, bias, out, ldo, o0, o1);
-    case 3: return gemv_impl<3>(w, ldw, x, ldx, in_f, bias, out, ldo, o0, o1);
-    default: return gemv_impl<4>(w, ldw, x, ldx, in_f, bias, out, ldo, o0, o1);
-  }
+  gemv_avx2(w, ldw, x, ldx, mm, in_f, bias, out, ldo, o0, o1);
 }
 
 #else  // no AVX2 kernels in this build: available() is false and callers never get here
