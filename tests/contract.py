@@ -24,7 +24,7 @@ VARIANTS = ("linear_bias", "linear_nobias", "conv1d", "add_update")
 
 def kind_p_params(p_on: float) -> list:
     """(kind, p) params for the op checks (opcheck, gradcheck): uniform without and hashed with
-    dropout by default, the other two combinations marked slow."""
+    dropout in the quick run, the other two combinations marked slow."""
     return [pytest.param(kind, p, id=f"{kind}-p{p}", marks=[] if (kind == "hashed") == (p > 0) else [pytest.mark.slow])
             for kind in ("uniform", "hashed") for p in (0.0, p_on)]
 

@@ -7,12 +7,13 @@ output and every gradient (x, theta_d, bias, base output) on odd shapes, 2-D and
 activation dtype the backend takes, uniform and hashed projections, dropout on and off. Tolerances
 are ``oracle.TOL`` per dtype (``oracle.tolerance_dtype``).
 
-The default run takes a covering set: every pair of levels of any two factors (shape, dtype,
-projection, dropout, input rank, op variant) occurs in some case (``contract.pairwise_rows``).
-The rest of the product is marked ``slow`` (``pytest -m "not slow"`` skips it; CI runs it).
-Triton under the interpreter runs covering sets only: over the shapes with M < 300 by default,
-over the M = 300 shapes in the slow run. Backend-specific behaviour (launches,
-schedules, SIMD paths, deterministic mode, memory rules) stays in each backend's own file.
+The quick run (``pytest -m "not slow"``) takes a covering set: every pair of levels of any two
+factors (shape, dtype, projection, dropout, input rank, op variant) occurs in some case
+(``contract.pairwise_rows``). The full run (plain ``pytest``, CI) adds the rest of the product,
+marked ``slow``. Triton under the interpreter runs covering sets only: the one over its tile
+shapes in the quick run, the one over the other shapes marked slow. Backend-specific
+behaviour (launches, schedules, SIMD paths, deterministic mode, memory rules) stays in each
+backend's own file.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ BACKENDS = {
 SHAPES = [(1, 37, 53, 1), (3, 37, 53, 3), (3, 150, 53, 3), (17, 64, 29, 4), (17, 67, 29, 4), (17, 45, 91, 4),
           (64, 45, 91, 16), (64, 45, 131, 16), (64, 29, 31, 16), (300, 29, 31, 64), (300, 29, 131, 64),
           (300, 61, 19, 64), (1, 130, 70, 64)]
+# The shapes of each backend's quick covering set: those its code paths depend on. The reference
+# has no tiles or size-dependent paths; Triton's interpreter takes seconds a case, so its tiles
+# only (partial K/N tiles, split-K, 2-3 column tiles, rank 64); the compiled kernels all of them.
+QUICK_SHAPES = {
+    "reference": [(1, 37, 53, 1), (17, 64, 29, 4), (64, 45, 131, 16)],
+    "cpu": SHAPES,
+    "triton": SHAPES if HAS_CUDA else [(1, 37, 53, 1), (3, 150, 53, 3), (17, 67, 29, 4), (64, 45, 131, 16),
+                                       (1, 130, 70, 64)],
+    "cuda": SHAPES,
+}
 KINDS = ("uniform", "hashed")
 PS = (0.0, 0.3)
 
@@ -62,25 +73,22 @@ def _availability_marks(backend: str):
 
 
 def _full_matrix(backend: str) -> bool:
-    """Triton on CPU tensors runs in the interpreter (seconds a case, a minute at M = 300): a
-    covering set only, and the one over the M = 300 shapes is slow."""
+    """Triton on CPU tensors runs in the interpreter (seconds a case, a minute at M = 300): covering
+    sets only, the one over the shapes outside QUICK_SHAPES marked slow."""
     return backend != "triton" or HAS_CUDA
 
 
 def _cases(factors: dict, backend: str, slow_factors: dict):
-    """pytest params for one backend: the pairwise covering rows of ``factors``; with the full
-    matrix, every other combination of ``slow_factors`` too, marked slow (the other factors
-    rotating)."""
+    """pytest params for one backend: the pairwise covering rows of ``factors`` over its quick shapes;
+    with the full matrix, every other combination of ``slow_factors`` too, marked slow (the other
+    factors rotating)."""
     marks = _availability_marks(backend)
+    quick = contract.pairwise_rows(dict(factors, shape=QUICK_SHAPES[backend]))
+    rows = [(row, []) for row in quick]
     if not _full_matrix(backend):
-        small = [s for s in factors["shape"] if s[0] < 300]
-        large = [s for s in factors["shape"] if s[0] >= 300]
-        quick = contract.pairwise_rows(dict(factors, shape=small))
-        rows = [(row, []) for row in quick]
-        rows += [(row, [pytest.mark.slow]) for row in contract.pairwise_rows(dict(factors, shape=large))]
+        others = [s for s in factors["shape"] if s not in QUICK_SHAPES[backend]]
+        rows += [(row, [pytest.mark.slow]) for row in contract.pairwise_rows(dict(factors, shape=others))]
     else:
-        quick = contract.pairwise_rows(factors)
-        rows = [(row, []) for row in quick]
         seen = {tuple(row[k] for k in slow_factors) for row in quick}
         for n, combo in enumerate(itertools.product(*slow_factors.values())):
             if combo not in seen:
@@ -339,8 +347,19 @@ def test_gradcheck_float64(backend, kind, p):
         assert torch.autograd.gradcheck(f_lin, (x, bias, theta))
 
 
-@pytest.mark.parametrize("backend", _backend_params())
-@pytest.mark.parametrize("kind,p", kind_p_params(0.3))
+def _opcheck_params():
+    """backend x kind_p_params; under the interpreter, Triton's hashed case is slow too (20 s)."""
+    out = []
+    for backend in BACKENDS:
+        for kp in kind_p_params(0.3):
+            kind, p = kp.values
+            slow = [pytest.mark.slow] if kind == "hashed" and not _full_matrix(backend) else []
+            out.append(pytest.param(backend, kind, p, id=f"{backend}-{kp.id}",
+                                    marks=_availability_marks(backend) + list(kp.marks) + slow))
+    return out
+
+
+@pytest.mark.parametrize("backend,kind,p", _opcheck_params())
 def test_opcheck_every_unilora_op(backend, kind, p):
     """torch.library.opcheck of every torch.ops.unilora op (schema, fake kernel, autograd)."""
     device = _device(backend)

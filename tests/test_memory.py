@@ -24,7 +24,7 @@ D = LAYERS * R * 2 * WIDTH
 def _cases():
     """(backend, projection, dropout). Hashed on the reference and Triton backends computes the
     permutation per element in tensor ops or the interpreter, under the profiler: minutes, so
-    those two are slow (the cpu backend runs hashed in the default run)."""
+    those two are slow (the cpu backend runs hashed in the quick run)."""
     out = []
     for name in ("reference", "cpu", "triton"):
         try:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama
-from contract import check_op
+from contract import check_op, check_primitives
 from oracle import assert_close, make_projection, oracle, random_theta
 import unilora_kernels as uk
 from unilora_kernels import backends, ops
@@ -68,6 +68,14 @@ def knobs(monkeypatch):
 def test_forced_schedules_match_oracle(knobs, schedule, det, shape, dtype, kind, p, dims, variant):
     knobs(schedule, det)
     check_op("triton", DEVICE, shape, dtype, kind, p, dims, variant)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "hashed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_schedule_primitives_match_oracle(knobs, kind, dtype):
+    """forward_/backward called directly under the split schedule, rank 5 (padded to 8)."""
+    knobs("split")
+    check_primitives(tb, DEVICE, (45, 70, 33, 5), dtype, kind, 0.2)
 
 
 def test_row_strided_input_is_read_in_place(knobs):
