@@ -20,20 +20,20 @@ std::tuple<at::Tensor, at::Tensor> call_linear(const at::Tensor& x, const at::Te
                                                const c10::optional<at::Tensor>& bias, bool weight_t,
                                                const at::Tensor& theta, const at::Tensor& scales,
                                                const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
-                                               at::IntArrayRef hashed, double p, int64_t seed) {
+                                               at::IntArrayRef hash_params, double p, int64_t seed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("unilora_C::linear", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                            at::IntArrayRef, double, int64_t)>();
-  return op.call(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed);
+  return op.call(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_linear_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                         bool weight_t, const at::Tensor& theta,
                                                         const at::Tensor& scales, const at::Tensor& idx_a,
-                                                        const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed,
+                                                        const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
                                                         double p, int64_t seed, const at::Tensor& h, bool need_x,
                                                         bool need_theta, bool deterministic) {
   static auto op = c10::Dispatcher::singleton()
@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> call_linear_backward(const at::Tensor& g, con
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, at::IntArrayRef, double,
                            int64_t, const at::Tensor&, bool, bool, bool)>();
-  return op.call(g, x, w, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed, h, need_x, need_theta,
+  return op.call(g, x, w, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, h, need_x, need_theta,
                  deterministic);
 }
 
@@ -51,12 +51,12 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const c10::optional<at::Tensor>& bias, bool weight_t, const at::Tensor& theta,
                             const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
-                            std::vector<int64_t> hashed, double p, int64_t seed, bool deterministic) {
-    auto [out, h] = call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed);
+                            std::vector<int64_t> hash_params, double p, int64_t seed, bool deterministic) {
+    auto [out, h] = call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed);
     ctx->save_for_backward({x, w, theta, scales, idx_a, idx_b, h});
     ctx->saved_data["weight_t"] = weight_t;
     ctx->saved_data["r"] = r;
-    ctx->saved_data["hashed"] = hashed;
+    ctx->saved_data["hash_params"] = hash_params;
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["deterministic"] = deterministic;
@@ -76,9 +76,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     at::Tensor g = grads[0];
     at::Tensor gx, gw, gb, gt;
     if (need_x || need_theta) {
-      const auto hashed = ctx->saved_data["hashed"].toIntVector();
+      const auto hash_params = ctx->saved_data["hash_params"].toIntVector();
       std::tie(gx, gt) = call_linear_backward(
-          g, x, w, weight_t, theta, saved[3], saved[4], saved[5], ctx->saved_data["r"].toInt(), hashed,
+          g, x, w, weight_t, theta, saved[3], saved[4], saved[5], ctx->saved_data["r"].toInt(), hash_params,
           ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(), saved[6], need_x, need_theta,
           ctx->saved_data["deterministic"].toBool());
     }
@@ -94,17 +94,17 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
-                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p, int64_t seed,
+                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p, int64_t seed,
                            bool deterministic) {
-  return LinearFunction::apply(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed.vec(), p, seed,
+  return LinearFunction::apply(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params.vec(), p, seed,
                                deterministic);
 }
 
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
-                              const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed,
+                              const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
                               double p, int64_t seed, bool /*deterministic*/) {
-  return std::get<0>(call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed));
+  return std::get<0>(call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed));
 }
 
 }  // namespace unilora

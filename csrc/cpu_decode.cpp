@@ -26,19 +26,19 @@ struct Lookup {
   const int32_t* ia;
   const int32_t* ib;
   int64_t na, d, offset;
-  bool hashed;
+  bool is_hashed;
   HashedProjection hash;
   explicit Lookup(const Projection& p)
       : sc(p.scales.data_ptr<float>()),
-        ia(p.hashed ? nullptr : p.idx_a.data_ptr<int32_t>()),
-        ib(p.hashed ? nullptr : p.idx_b.data_ptr<int32_t>()),
+        ia(p.is_hashed ? nullptr : p.idx_a.data_ptr<int32_t>()),
+        ib(p.is_hashed ? nullptr : p.idx_b.data_ptr<int32_t>()),
         na(p.numel_a()),
         d(p.d),
         offset(p.offset),
-        hashed(p.hashed),
+        is_hashed(p.is_hashed),
         hash(p.hash) {}
   int64_t operator()(int64_t i, float* s, bool* bad) const {
-    if (hashed) {
+    if (is_hashed) {
       const int64_t j = hashed_index(offset + i, hash);
       *s = hashed_scale(j, hash, sc[0], sc[1]);
       return j;

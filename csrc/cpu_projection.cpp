@@ -16,7 +16,7 @@ template <typename theta_t, typename acc_t>
 void gather_into(const theta_t* theta, const Projection& pj, acc_t* dst_a, acc_t* dst_b) {
   const float* sc = pj.scales.data_ptr<float>();
   const int64_t n = pj.numel(), na = pj.numel_a(), d = pj.d;
-  if (pj.hashed) {
+  if (pj.is_hashed) {
     const float s0 = sc[0], s1 = sc[1];
     at::parallel_for(0, n, kGrain / 8, [&](int64_t b, int64_t e) {  // ~40 integer ops per element
       for (int64_t i = b; i < e; ++i) {
@@ -66,13 +66,13 @@ void scatter_into(const at::Tensor& dA, const at::Tensor& dB, const Projection& 
   // Phase 1 (parallel): the scaled value of every element and, for the hashed projection, its
   // theta_d index, into layer-sized buffers.
   at::Tensor vals = at::empty({n}, dA.options());
-  at::Tensor jbuf = pj.hashed ? at::empty({n}, dA.options().dtype(at::kInt)) : at::Tensor();
+  at::Tensor jbuf = pj.is_hashed ? at::empty({n}, dA.options().dtype(at::kInt)) : at::Tensor();
   acc_t* v = vals.data_ptr<acc_t>();
-  int32_t* jh = pj.hashed ? jbuf.data_ptr<int32_t>() : nullptr;
-  const int32_t* ia = pj.hashed ? nullptr : pj.idx_a.data_ptr<int32_t>();
-  const int32_t* ib = pj.hashed ? nullptr : pj.idx_b.data_ptr<int32_t>();
+  int32_t* jh = pj.is_hashed ? jbuf.data_ptr<int32_t>() : nullptr;
+  const int32_t* ia = pj.is_hashed ? nullptr : pj.idx_a.data_ptr<int32_t>();
+  const int32_t* ib = pj.is_hashed ? nullptr : pj.idx_b.data_ptr<int32_t>();
   std::atomic<bool> bad{false};
-  at::parallel_for(0, n, pj.hashed ? kGrain / 8 : kGrain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n, pj.is_hashed ? kGrain / 8 : kGrain, [&](int64_t b, int64_t e) {
     bool oob = false;
     for (int64_t i = b; i < e; ++i) {
       const acc_t g = i < na ? a[(i / in_f) * sa[0] + (i % in_f) * sa[1]]

@@ -24,16 +24,16 @@ struct ProjView {
   int32_t na;           // r * in
   int32_t n;            // r * (in + out)
   int32_t d;
-  bool hashed;
+  bool is_hashed;
   int32_t offset;  // hashed: position of A[0, 0] in theta_D (< 2^31)
   HashedProjection hash;
 };
 
 inline ProjView make_view(const Projection& pj) {
   ProjView v{};
-  v.hashed = pj.hashed;
-  v.ia = pj.hashed ? nullptr : pj.idx_a.data_ptr<int32_t>();
-  v.ib = pj.hashed ? nullptr : pj.idx_b.data_ptr<int32_t>();
+  v.is_hashed = pj.is_hashed;
+  v.ia = pj.is_hashed ? nullptr : pj.idx_a.data_ptr<int32_t>();
+  v.ib = pj.is_hashed ? nullptr : pj.idx_b.data_ptr<int32_t>();
   v.scales = pj.scales.data_ptr<float>();
   v.na = static_cast<int32_t>(pj.numel_a());
   v.n = static_cast<int32_t>(pj.numel());
@@ -46,7 +46,7 @@ inline ProjView make_view(const Projection& pj) {
 // (theta_d index, scale) of element i. An out-of-range uniform index is a device-side assert,
 // as in PyTorch's own index kernels (the host cannot check without reading the whole table).
 __device__ __forceinline__ int32_t lookup(const ProjView& p, int32_t i, float* scale) {
-  if (p.hashed) {
+  if (p.is_hashed) {
     const int32_t j = static_cast<int32_t>(hashed_index(static_cast<int64_t>(p.offset) + i, p.hash));
     *scale = __ldg(p.scales + (j < p.hash.rem ? 1 : 0));
     return j;

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) scatter_sorted_kernel(ProjView p, co
   for (int32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < p.n; t += gridDim.x * blockDim.x) {
     const int32_t j = sorted_j[t];
     if (t > 0 && sorted_j[t - 1] == j) continue;  // not the head of its run
-    const acc_t s = static_cast<acc_t>(p.hashed ? __ldg(p.scales + (j < p.hash.rem ? 1 : 0)) : __ldg(p.scales + j));
+    const acc_t s = static_cast<acc_t>(p.is_hashed ? __ldg(p.scales + (j < p.hash.rem ? 1 : 0)) : __ldg(p.scales + j));
     grad_t g = grad[j];
     for (int32_t u = t; u < p.n && sorted_j[u] == j; ++u) {
       const int32_t i = static_cast<int32_t>(order[u]);
@@ -197,7 +197,7 @@ at::Tensor scatter_cuda(const at::Tensor& dA, const at::Tensor& dB, const Projec
   }
   // Deterministic: the layer's indices (layer-sized), stably sorted, then one run per thread.
   at::Tensor idx;
-  if (pj.hashed) {
+  if (pj.is_hashed) {
     idx = at::empty({p.n}, dA.options().dtype(at::kInt));
     cuda::flat_index_kernel<<<blocks, kThreads, 0, stream>>>(p, idx.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

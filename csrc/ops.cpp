@@ -36,7 +36,7 @@ void check_theta(const at::Tensor& theta) {
 }
 
 Projection make_projection(int64_t d, const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b,
-                           int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hashed) {
+                           int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hash_params) {
   TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
               "unilora: scales must be a contiguous 1-D float32 tensor, got ", scales.scalar_type(), " ",
               scales.sizes());
@@ -51,16 +51,16 @@ Projection make_projection(int64_t d, const at::Tensor& scales, const at::Tensor
   pj.d = d;
   TORCH_CHECK(r * (in_f + out_f) < kInt32Limit, "unilora: the layer has r*(in+out) = ", r * (in_f + out_f),
               " LoRA parameters; at most 2^31 - 1 are supported");
-  if (!hashed.empty()) {
-    TORCH_CHECK(hashed.size() == 3, "unilora: hashed must be [D, offset, key], got ", hashed.size(), " values");
-    const int64_t D = hashed[0], offset = hashed[1];
+  if (!hash_params.empty()) {
+    TORCH_CHECK(hash_params.size() == 3, "unilora: hash_params must be [D, offset, key], got ", hash_params.size(), " values");
+    const int64_t D = hash_params[0], offset = hash_params[1];
     TORCH_CHECK(D > 0 && D < kInt32Limit, "unilora: hashed projection D = ", D, " must be in [1, 2^31)");
     TORCH_CHECK(offset >= 0 && offset + pj.numel() <= D, "unilora: hashed projection slice [", offset, ", ",
                 offset + pj.numel(), ") does not fit D = ", D);
     TORCH_CHECK(scales.numel() == 2, "unilora: the hashed projection takes 2 scales, got ", scales.numel());
-    pj.hashed = true;
+    pj.is_hashed = true;
     pj.offset = offset;
-    pj.hash = make_hashed_projection(D, d, hashed[2]);
+    pj.hash = make_hashed_projection(D, d, hash_params[2]);
     return pj;
   }
   TORCH_CHECK(scales.numel() == d, "unilora: scales has ", scales.numel(), " entries but theta_d has d = ", d);
@@ -131,10 +131,10 @@ void check_dropout(double p) {
 
 // ---- op implementations: argument checks, then the device's kernels ----
 Projection layer_projection(const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
-                            const at::Tensor& idx_b, int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hashed) {
+                            const at::Tensor& idx_b, int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hash_params) {
   check_theta(theta);
   check_same_device(scales, "scales", theta);
-  return make_projection(theta.size(0), scales, idx_a, idx_b, r, in_f, out_f, hashed);
+  return make_projection(theta.size(0), scales, idx_a, idx_b, r, in_f, out_f, hash_params);
 }
 
 int64_t features(const at::Tensor& t) { return t.dim() == 2 ? t.size(1) : -1; }
@@ -143,10 +143,10 @@ using ForwardFn = at::Tensor (*)(at::Tensor, const at::Tensor&, const at::Tensor
 
 template <ForwardFn impl>
 at::Tensor forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& scales,
-                      const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed,
+                      const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
                       double p, int64_t seed) {
   check_dropout(p);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hashed);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hash_params);
   check_forward(out, x, theta, pj);
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   if (x.size(0) == 0) return at::empty({0, r}, x.options().dtype(cd));
@@ -160,11 +160,11 @@ using BackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, con
 template <BackwardFn impl>
 std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta,
                                                const at::Tensor& scales, const at::Tensor& idx_a,
-                                               const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p,
+                                               const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
                                                int64_t seed, const at::Tensor& h, c10::optional<at::Tensor> grad_x,
                                                bool need_x, bool need_theta, bool deterministic) {
   check_dropout(p);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hashed);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hash_params);
   check_backward(g, x, theta, pj, h, grad_x, false);
   if (x.size(0) == 0) {  // nothing flows back; keep the output contract
     at::Tensor gx = need_x && !grad_x.has_value() ? at::zeros_like(x, at::MemoryFormat::Contiguous)
@@ -178,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Te
 template <std::tuple<at::Tensor, at::Tensor> (*gather)(const at::Tensor&, const Projection&, at::ScalarType)>
 std::tuple<at::Tensor, at::Tensor> lora_matrices_op(const at::Tensor& theta, const at::Tensor& scales,
                                                     const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
-                                                    int64_t in_f, int64_t out_f, at::IntArrayRef hashed) {
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, in_f, out_f, hashed);
+                                                    int64_t in_f, int64_t out_f, at::IntArrayRef hash_params) {
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, in_f, out_f, hash_params);
   return gather(theta, pj, theta.scalar_type());
 }
 
@@ -187,12 +187,12 @@ using ScatterFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const Pro
 
 template <ScatterFn impl>
 at::Tensor scatter_op(const at::Tensor& dA, const at::Tensor& dB, const at::Tensor& scales, const at::Tensor& idx_a,
-                      const at::Tensor& idx_b, int64_t d, at::IntArrayRef hashed, at::ScalarType dtype,
+                      const at::Tensor& idx_b, int64_t d, at::IntArrayRef hash_params, at::ScalarType dtype,
                       bool deterministic) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "unilora: grad_theta dtype must be float32 or float64");
   TORCH_CHECK(dA.dim() == 2 && dB.dim() == 2, "unilora: grad_a and grad_b must be 2-D, got ", dA.sizes(), " and ",
               dB.sizes());
-  const Projection pj = make_projection(d, scales, idx_a, idx_b, dA.size(0), dA.size(1), dB.size(0), hashed);
+  const Projection pj = make_projection(d, scales, idx_a, idx_b, dA.size(0), dA.size(1), dB.size(0), hash_params);
   TORCH_CHECK(dB.size(1) == pj.r, "unilora: grad_b must be (", pj.out_f, ", ", pj.r, "), got ", dB.sizes());
   TORCH_CHECK(dA.scalar_type() == dB.scalar_type() &&
                   (dA.scalar_type() == at::kFloat || dA.scalar_type() == at::kDouble),
@@ -224,11 +224,11 @@ template <LinearFn impl>
 std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tensor& w,
                                              const c10::optional<at::Tensor>& bias, bool weight_t,
                                              const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
-                                             const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p,
+                                             const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
                                              int64_t seed) {
   check_dropout(p);
   check_linear_weight(x, w, weight_t, theta);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hashed);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == pj.out_f && bias->scalar_type() == x.scalar_type(),
                 "unilora: bias must be (", pj.out_f, ",) of x's dtype, got ", bias->scalar_type(), " ", bias->sizes());
@@ -247,12 +247,12 @@ template <LinearBackwardFn impl>
 std::tuple<at::Tensor, at::Tensor> linear_backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                       bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
                                                       const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
-                                                      at::IntArrayRef hashed, double p, int64_t seed,
+                                                      at::IntArrayRef hash_params, double p, int64_t seed,
                                                       const at::Tensor& h, bool need_x, bool need_theta,
                                                       bool deterministic) {
   check_dropout(p);
   check_linear_weight(x, w, weight_t, theta);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hashed);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
   check_backward(g, x, theta, pj, h, c10::nullopt, true);
   return impl(g, x, w, weight_t, theta, pj, make_dropout(p, seed), h, need_x, need_theta, deterministic);
 }
@@ -310,37 +310,37 @@ TORCH_LIBRARY(unilora_C, m) {
   // out += drop(x) A^T B^T in place; returns h = drop(x) A^T (M x r, fp32; fp64 if x or theta is).
   m.def(
       "forward_(Tensor(a!) out, Tensor x, Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
-      "int[] hashed, float p, int seed) -> Tensor");
+      "int[] hash_params, float p, int seed) -> Tensor");
   // (grad_x, grad_theta). grad_x: ((g B) A) * mask, added into the given grad_x in place (then the
   // first output is empty) or returned in x's dtype; grad_theta: P^T [dA | dB], theta's dtype.
   // An output that was not asked for (need_x / need_theta false) is empty.
   m.def(
       "backward(Tensor grad_out, Tensor x, Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
-      "int[] hashed, float p, int seed, Tensor h, Tensor(a!)? grad_x, bool need_x, bool need_theta, "
+      "int[] hash_params, float p, int seed, Tensor h, Tensor(a!)? grad_x, bool need_x, bool need_theta, "
       "bool deterministic) -> (Tensor, Tensor)");
   // Dense A (r x in) and B (out x r) in theta's dtype (merge, export); differentiable in theta.
   m.def(
       "lora_matrices(Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, int in_features, "
-      "int out_features, int[] hashed) -> (Tensor, Tensor)");
+      "int out_features, int[] hash_params) -> (Tensor, Tensor)");
   // P^T [grad_a | grad_b]: the scatter-add through the projection, into a fresh (d,) tensor.
   m.def(
       "scatter_grad(Tensor grad_a, Tensor grad_b, Tensor scales, Tensor idx_a, Tensor idx_b, int d, "
-      "int[] hashed, ScalarType dtype, bool deterministic) -> Tensor");
+      "int[] hash_params, ScalarType dtype, bool deterministic) -> Tensor");
   // The frozen base linear (nn.Linear; transformers' Conv1D when weight_t) and the update on 2-D x:
   // (out, h). h may be empty ((0, r): the CPU backward recomputes it from x).
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, Tensor idx_a, "
-      "Tensor idx_b, int r, int[] hashed, float p, int seed) -> (Tensor, Tensor)");
+      "Tensor idx_b, int r, int[] hash_params, float p, int seed) -> (Tensor, Tensor)");
   // Its backward: (grad_x = g W + ((g B) A) * mask, grad_theta); unrequested outputs are empty.
   m.def(
       "linear_backward(Tensor grad_out, Tensor x, Tensor weight, bool weight_t, Tensor theta, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hashed, float p, int seed, Tensor h, bool need_x, bool need_theta, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed, Tensor h, bool need_x, bool need_theta, "
       "bool deterministic) -> (Tensor, Tensor)");
   // The output of `linear`, differentiable in x, weight, bias and theta with its autograd in C++
   // (csrc/autograd.cpp): the eager training path of UniLoRALinear on the compiled backends.
   m.def(
       "linear_autograd(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hashed, float p, int seed, bool deterministic) -> Tensor");
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed, bool deterministic) -> Tensor");
   // Test ops: the header's index and dropout functions, element-wise over int64 tensors.
   m.def("_hashed_index(Tensor positions, int D, int d, int key) -> Tensor");
   m.def("_philox_randint(Tensor offsets, int seed) -> Tensor");

@@ -15,7 +15,7 @@ struct Projection {
   at::Tensor scales;        // fp32, (d,) uniform or (2,) hashed: [s(D // d), s(D // d + 1)]
   at::Tensor idx_a, idx_b;  // int32 contiguous (r, in) and (out, r); empty when hashed
   int64_t r = 0, in_f = 0, out_f = 0, d = 0;
-  bool hashed = false;
+  bool is_hashed = false;
   int64_t offset = 0;     // hashed: position of A[0, 0] in theta_D
   HashedProjection hash;  // hashed: the Feistel parameters of hashed_index
 
@@ -25,7 +25,7 @@ struct Projection {
 
 // Checks (TORCH_CHECK, naming the problem) and packs the projection arguments of every op.
 Projection make_projection(int64_t d, const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b,
-                           int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hashed);
+                           int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hash_params);
 void check_theta(const at::Tensor& theta);
 
 // fp64 when any operand is fp64, else fp32: the precision of A, B, h and every accumulation.
@@ -64,12 +64,12 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, cons
 // ---- autograd.cpp: unilora_C::linear_autograd, the output of `linear` with autograd in C++ ----
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
-                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed, double p, int64_t seed,
+                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p, int64_t seed,
                            bool deterministic);
 // Below autograd (inference mode): the output alone.
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
-                              const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hashed,
+                              const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
                               double p, int64_t seed, bool deterministic);
 
 #ifdef UNILORA_WITH_CUDA

@@ -48,7 +48,7 @@ def check_op(backend: str, device, shape, dtype, kind: str, p: float, dims: int,
     x = torch.randn((M, in_f) if dims == 2 else (2, M, in_f)).to(device, dtype).requires_grad_(True)
     theta = theta_for(dtype, d, r, device).requires_grad_(True)
     seed = seed_tensor(p)
-    common = dict(r=r, hashed=proj.hashed, dropout_p=p, seed=seed, backend=backend)
+    common = dict(r=r, hash_params=proj.hash_params, dropout_p=p, seed=seed, backend=backend)
     bias = base = None
     weight_t = variant == "conv1d"
     if variant == "add_update":

@@ -65,7 +65,7 @@ def lora_AB64(theta64: torch.Tensor, proj: LayerProjection):
     r, in_f, out_f = proj.r, proj.in_features, proj.out_features
     d = theta64.shape[0]
     if proj.is_hashed:
-        D, offset, key = proj.hashed
+        D, offset, key = proj.hash_params
         pos = torch.arange(offset, offset + r * (in_f + out_f), dtype=torch.int64)
         idx = P.hashed_index(pos, D, d, key).to(theta64.device)
         counts = torch.tensor(P.hashed_counts(D, d), dtype=torch.float64)

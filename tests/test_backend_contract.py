@@ -178,7 +178,7 @@ def test_strided_inputs_match_oracle(backend, kind):
         assert not x.is_contiguous()
         x = x.requires_grad_(True)
         theta = random_theta(D_SMALL, device=device).requires_grad_(True)
-        out = ops.linear(x, w, None, theta, proj.scales, proj.idx_a, proj.idx_b, r=r, hashed=proj.hashed,
+        out = ops.linear(x, w, None, theta, proj.scales, proj.idx_a, proj.idx_b, r=r, hash_params=proj.hash_params,
                          backend=backend)
         g = torch.randn_like(out)
         out.backward(g)
@@ -220,7 +220,7 @@ def test_layers_sharing_one_theta(backend, kind, p, monkeypatch):
     seeds = [torch.tensor([11 + i], dtype=torch.int64) for i in range(3)] if p > 0 else [None] * 3
     h = x
     for proj, w, s in zip(projs, weights, seeds):
-        h = ops.linear(h, w, None, theta, proj.scales, proj.idx_a, proj.idx_b, r=r, hashed=proj.hashed,
+        h = ops.linear(h, w, None, theta, proj.scales, proj.idx_a, proj.idx_b, r=r, hash_params=proj.hash_params,
                        dropout_p=p, seed=s, backend=backend)
     g = torch.randn_like(h)
     h.backward(g)
@@ -332,7 +332,7 @@ def test_gradcheck_float64(backend, kind, p):
     theta = torch.randn(d, **f64, requires_grad=True)
     w = torch.randn(out_f, in_f, **f64)
     bias = torch.randn(out_f, **f64, requires_grad=True)
-    common = dict(r=r, hashed=proj.hashed, dropout_p=p, seed=seed, backend=backend)
+    common = dict(r=r, hash_params=proj.hash_params, dropout_p=p, seed=seed, backend=backend)
 
     def f_add(base, x, theta):
         return ops.add_update(base, x, theta, proj.scales, proj.idx_a, proj.idx_b, **common)
@@ -367,11 +367,11 @@ def test_opcheck_every_unilora_op(backend, kind, p):
     proj = make_projection(in_f, out_f, r, d, kind, device=device)
     x = torch.randn(2, M, in_f, device=device, requires_grad=True)
     theta = random_theta(d, device=device).requires_grad_(True)
-    hashed = list(proj.hashed)
+    hash_params = list(proj.hash_params)
     base = torch.randn(2, M, out_f, device=device, requires_grad=True)
     w = torch.randn(out_f, in_f, device=device)
     bias = torch.randn(out_f, device=device, requires_grad=True)
-    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, hashed, p, seed_tensor(p), backend)
+    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, hash_params, p, seed_tensor(p), backend)
     torch.library.opcheck(torch.ops.unilora.add_update.default, (base, x) + common)
     torch.library.opcheck(torch.ops.unilora.linear.default, (x, w, bias, False) + common)
     torch.library.opcheck(torch.ops.unilora.linear.default, (x, w.t().contiguous(), bias, True) + common)

@@ -60,7 +60,7 @@ def test_lora_matrices_is_differentiable_both_ways():
     proj_h, _, _ = _inputs((1, 6, 5, 2), torch.float64, "hashed")
     dA = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     dB = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    sargs = (proj_h.scales, proj_h.idx_a, proj_h.idx_b, D_SMALL, list(proj_h.hashed), torch.float64, False)
+    sargs = (proj_h.scales, proj_h.idx_a, proj_h.idx_b, D_SMALL, list(proj_h.hash_params), torch.float64, False)
     assert torch.autograd.gradcheck(lambda a, b: C.scatter_grad(a, b, *sargs), (dA, dB))
 
 
@@ -108,9 +108,9 @@ def _op_samples(kind, device="cpu", p=0.0):
     x = torch.randn(M, in_f, device=device)
     out = torch.randn(M, out_f, device=device)
     g = torch.randn(M, out_f, device=device)
-    hashed = list(proj.hashed)
+    hash_params = list(proj.hash_params)
     seed = 777 if p > 0 else 0
-    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, hashed, p, seed)
+    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, hash_params, p, seed)
     return proj, theta, x, out, g, common, (M, in_f, out_f, r, d)
 
 
@@ -123,12 +123,12 @@ def test_opcheck_every_cpp_op(kind, p):
     h = C.forward_(out.clone(), x, *common)
     for grad_x, need_x, need_t in ((None, True, True), (torch.randn(M, in_f), True, False), (None, False, True)):
         torch.library.opcheck(C.backward.default, (g, x) + common + (h, grad_x, need_x, need_t, False))
-    args = (proj.scales, proj.idx_a, proj.idx_b, r, in_f, out_f, list(proj.hashed))
+    args = (proj.scales, proj.idx_a, proj.idx_b, r, in_f, out_f, list(proj.hash_params))
     torch.library.opcheck(C.lora_matrices.default, (theta.clone().requires_grad_(True),) + args)
     dA = torch.randn(r, in_f, requires_grad=True)
     dB = torch.randn(out_f, r, requires_grad=True)
     torch.library.opcheck(
-        C.scatter_grad.default, (dA, dB, proj.scales, proj.idx_a, proj.idx_b, d, list(proj.hashed), torch.float32, False)
+        C.scatter_grad.default, (dA, dB, proj.scales, proj.idx_a, proj.idx_b, d, list(proj.hash_params), torch.float32, False)
     )
     torch.library.opcheck(C._hashed_index.default, (torch.arange(50, dtype=torch.int64), 50, 7, 99))
     torch.library.opcheck(C._philox_randint.default, (torch.arange(50, dtype=torch.int64), 5))

@@ -99,20 +99,20 @@ def test_opcheck_every_cpp_op_on_cuda(kind, p):
     proj = make_projection(in_f, out_f, r, d, kind, device=DEV)
     theta = random_theta(d, 0, DEV)
     x, out, g = torch.randn(M, in_f, device=DEV), torch.randn(M, out_f, device=DEV), torch.randn(M, out_f, device=DEV)
-    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, list(proj.hashed), p, 777 if p else 0)
+    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, list(proj.hash_params), p, 777 if p else 0)
     for xs in (x, x.double()):  # fused decode kernel, and the fp64 cuBLAS path
         torch.library.opcheck(C.forward_.default, (out.to(xs.dtype).clone(), xs) + common)
     h = C.forward_(out.clone(), x, *common)
     for grad_x, need_x, need_t, det in ((None, True, True, False), (torch.randn(M, in_f, device=DEV), True, False,
                                                                      False), (None, False, True, True)):
         torch.library.opcheck(C.backward.default, (g, x) + common + (h, grad_x, need_x, need_t, det))
-    args = (proj.scales, proj.idx_a, proj.idx_b, r, in_f, out_f, list(proj.hashed))
+    args = (proj.scales, proj.idx_a, proj.idx_b, r, in_f, out_f, list(proj.hash_params))
     torch.library.opcheck(C.lora_matrices.default, (theta.clone().requires_grad_(True),) + args)
     dA = torch.randn(r, in_f, device=DEV, requires_grad=True)
     dB = torch.randn(out_f, r, device=DEV, requires_grad=True)
     for det in (False, True):
         torch.library.opcheck(C.scatter_grad.default,
-                              (dA, dB, proj.scales, proj.idx_a, proj.idx_b, d, list(proj.hashed), torch.float32, det))
+                              (dA, dB, proj.scales, proj.idx_a, proj.idx_b, d, list(proj.hash_params), torch.float32, det))
 
 
 def test_decode_forward_captures_in_a_cuda_graph():

@@ -258,7 +258,7 @@ def test_eager_function_and_custom_op_agree(backend, p):
     g = torch.randn(2, 5, 17)
     seed = philox.new_seed() if p > 0 else None
     args = (layer.theta_d, layer.bank.scales, layer.unilora_indices_A, layer.unilora_indices_B, layer.r,
-            list(layer._hashed), p, seed, backend)
+            list(layer._hash_params), p, seed, backend)
     results = []
     for fn in (ops.LinearFunction.apply, torch.ops.unilora.linear):
         xg = x.clone().requires_grad_(True)

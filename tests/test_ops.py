@@ -40,9 +40,9 @@ def test_validation_errors_are_clear():
     with pytest.raises(ValueError, match="needs a one-element int64 seed"):
         ops.linear(x, w, None, theta, s, ia, ib, dropout_p=0.5)
     with pytest.raises(ValueError, match="hashed projection slice"):
-        ops.linear(x, w, None, theta, torch.ones(2), r=2, hashed=[10, 0, 1])
+        ops.linear(x, w, None, theta, torch.ones(2), r=2, hash_params=[10, 0, 1])
     with pytest.raises(ValueError, match="r must be given"):
-        ops.linear(x, w, None, theta, torch.ones(2), hashed=[1000, 0, 1])
+        ops.linear(x, w, None, theta, torch.ones(2), hash_params=[1000, 0, 1])
     with pytest.raises(ValueError, match="one device"):
         ops.linear(x, w, None, theta.to("meta"), s, ia, ib)
     with pytest.raises(ValueError, match="leading dimensions"):

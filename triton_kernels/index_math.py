@@ -51,9 +51,9 @@ def round_keys_i32(key: int) -> list[int]:
     return [k - (1 << 32) if k >= (1 << 31) else k for k in _P.feistel_round_keys(key)]
 
 
-def hashed_args(hashed: tuple, d: int) -> dict:
+def hashed_args(hash_params: tuple, d: int) -> dict:
     """The PERM_SCALARS of a hashed projection ``(D, offset, key)``: D, half width, mask, round keys."""
-    D, _offset, key = hashed
+    D, _offset, key = hash_params
     half = _P.feistel_half_bits(D)
     return dict(zip(PERM_SCALARS, (D, half, (1 << half) - 1, *round_keys_i32(key))))
 

@@ -77,7 +77,7 @@ class UniLoRABank:
             setattr(self.owner, SCALES_NAME, table)
         return table
 
-    def hashed_args(self, offset: int) -> list:
+    def hash_params(self, offset: int) -> list:
         return [] if self.projection == "uniform" else [self.D, offset, self.key]
 
     def layer_indices(self, offset: int, r: int, in_f: int, out_f: int):

@@ -111,7 +111,7 @@ class UniLoRALinear(nn.Module):
         self.adapter_enabled = True
         self._fusable_base = _fusable(base_layer)
         self._weight_t = _conv1d_layout(base_layer)  # weight stored (in, out)
-        self._hashed = bank.hashed_args(offset)
+        self._hash_params = bank.hash_params(offset)
         device = _param_device(base_layer)
         if bank.projection == "uniform":
             idx_a, idx_b = bank.layer_indices(offset, self.r, in_f, out_f)
@@ -148,7 +148,7 @@ class UniLoRALinear(nn.Module):
         scales = self.bank.scales if device is None else self.bank.scales.to(device)
         return backends.LayerProjection(
             self.unilora_indices_A, self.unilora_indices_B, scales, self.r,
-            self.in_features, self.out_features, tuple(self._hashed),
+            self.in_features, self.out_features, tuple(self._hash_params),
         )
 
     def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +210,7 @@ class UniLoRALinear(nn.Module):
         seed = philox.new_seed() if p > 0 else None
         shape = (ops.rows(x), self.in_features, self.out_features, self.r)
         backend = backends.resolve(self.requested_backend(), x.device.type, shape)
-        u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hashed, p, seed,
+        u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hash_params, p, seed,
                            backend)
         if (self._fusable_base and not args and not kwargs and type(base.weight) in _PLAIN_TENSORS
                 and x.device == base.weight.device and not _has_hooks(base)):

@@ -13,7 +13,7 @@ Ops (namespace ``unilora``):
   -> (grad_x, grad_theta)``: the backward of the two differentiable ops.
 
 ``<update>`` is the same nine arguments in every op, ``UpdateArgs``: theta_d and the projection
-(``scales``, ``idx_a``/``idx_b`` for "uniform", ``hashed = [D, offset, key]`` for "hashed"),
+(``scales``, ``idx_a``/``idx_b`` for "uniform", ``hash_params = [D, offset, key]`` for "hashed"),
 r, dropout_p, seed, and the concrete backend (see ``backends.resolve``). ``A``/``B`` never
 exist outside a backend. ``h = drop(x) A^T`` (M x r, fp32) is returned so backward need not
 recompute it.
@@ -41,20 +41,20 @@ class UpdateArgs(NamedTuple):
     idx_a: Tensor
     idx_b: Tensor
     r: int
-    hashed: list
+    hash_params: list  # [] uniform; [D, offset, key] hashed
     dropout_p: float
     seed: Optional[Tensor]
     backend: str
 
     def projection(self, in_features: int, out_features: int) -> LayerProjection:
         return LayerProjection(self.idx_a, self.idx_b, self.scales, self.r, in_features, out_features,
-                               tuple(self.hashed))
+                               tuple(self.hash_params))
 
     def seed_value(self) -> Optional[int]:
         return policy.seed_value(self.dropout_p, self.seed)
 
 
-UPDATE_SCHEMA = ("Tensor theta_d, Tensor scales, Tensor idx_a, Tensor idx_b, int r, int[] hashed, float dropout_p, "
+UPDATE_SCHEMA = ("Tensor theta_d, Tensor scales, Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float dropout_p, "
                  "Tensor? seed, str backend")
 N_UPDATE = len(UpdateArgs._fields)
 
@@ -243,13 +243,13 @@ def _(grad_out, x, weight, weight_t, *rest):
 # --------------------------------------------------------------------------------------------
 def _save_update(ctx, x: Tensor, weight: Optional[Tensor], u: UpdateArgs, h: Tensor) -> None:
     ctx.save_for_backward(x, weight, u.theta_d, u.scales, u.idx_a, u.idx_b, u.seed, h)
-    ctx.args = (u.r, list(u.hashed), u.dropout_p, u.backend)
+    ctx.args = (u.r, list(u.hash_params), u.dropout_p, u.backend)
 
 
 def _saved_update(ctx) -> tuple[Tensor, Optional[Tensor], UpdateArgs, Tensor]:
     x, weight, theta_d, scales, idx_a, idx_b, seed, h = ctx.saved_tensors
-    r, hashed, dropout_p, backend = ctx.args
-    return x, weight, UpdateArgs(theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend), h
+    r, hash_params, dropout_p, backend = ctx.args
+    return x, weight, UpdateArgs(theta_d, scales, idx_a, idx_b, r, hash_params, dropout_p, seed, backend), h
 
 
 def _setup_add_update(ctx, inputs, output):
@@ -340,7 +340,7 @@ def check_inputs(x: Tensor, out_features: int, u: UpdateArgs) -> None:
         raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
-    theta_d, scales, idx_a, idx_b, r, hashed = u.theta_d, u.scales, u.idx_a, u.idx_b, u.r, u.hashed
+    theta_d, scales, idx_a, idx_b, r, hash_params = u.theta_d, u.scales, u.idx_a, u.idx_b, u.r, u.hash_params
     if not isinstance(theta_d, Tensor) or theta_d.dim() != 1 or theta_d.dtype not in policy.THETA_DTYPES:
         raise TypeError(
             "theta_d must be a 1-D float tensor (float32; float64 for gradcheck; float16/bfloat16 are read in "
@@ -353,10 +353,10 @@ def check_inputs(x: Tensor, out_features: int, u: UpdateArgs) -> None:
     d = theta_d.shape[0]
     if scales.dtype != torch.float32 or scales.dim() != 1:
         raise TypeError(f"scales must be a 1-D float32 tensor, got {scales.dtype} {tuple(scales.shape)}")
-    if hashed:
-        if len(hashed) != 3:
-            raise ValueError(f"hashed must be [D, offset, key], got {list(hashed)}")
-        D, offset, _key = hashed
+    if hash_params:
+        if len(hash_params) != 3:
+            raise ValueError(f"hash_params must be [D, offset, key], got {list(hash_params)}")
+        D, offset, _key = hash_params
         if D <= 0 or offset < 0 or offset + r * (in_f + out_features) > D:
             raise ValueError(
                 f"hashed projection slice [{offset}, {offset + r * (in_f + out_features)}) does not fit D = {D}"
@@ -373,7 +373,7 @@ def check_inputs(x: Tensor, out_features: int, u: UpdateArgs) -> None:
                 )
         if scales.numel() != d:
             raise ValueError(f"scales has {scales.numel()} entries but theta_d has d = {d}")
-    devices = {t.device for t in (x, theta_d, scales) + (() if hashed else (idx_a, idx_b))}
+    devices = {t.device for t in (x, theta_d, scales) + (() if hash_params else (idx_a, idx_b))}
     if len(devices) > 1:
         raise ValueError(f"x, theta_d, scales and indices must be on one device, got {sorted(map(str, devices))}")
     if not 0.0 <= u.dropout_p <= 1.0:
@@ -384,26 +384,26 @@ def check_inputs(x: Tensor, out_features: int, u: UpdateArgs) -> None:
 
 
 def update_args(x: Tensor, out_features: int, theta_d: Tensor, scales: Tensor, idx_a: Optional[Tensor] = None,
-                idx_b: Optional[Tensor] = None, *, r: Optional[int] = None, hashed: Sequence[int] = (),
+                idx_b: Optional[Tensor] = None, *, r: Optional[int] = None, hash_params: Sequence[int] = (),
                 dropout_p: float = 0.0, seed: Optional[Tensor] = None, backend: str = "auto") -> UpdateArgs:
     """Checked ``UpdateArgs`` with a concrete backend, from the public functions' arguments.
 
     ``idx_a`` (int32, r x in) and ``idx_b`` (int32, out x r) are the uniform projection's indices;
-    the hashed projection passes none and gives ``hashed = [D, offset, key]`` and ``r`` instead.
+    the hashed projection passes none and gives ``hash_params = [D, offset, key]`` and ``r`` instead.
     ``dropout_p > 0`` needs a one-element int64 ``seed`` (``philox.new_seed()``). ``backend`` is
     a name of ``backends.BACKENDS``; "auto" resolves per device and shape.
     """
-    hashed = list(hashed or [])
+    hash_params = list(hash_params or [])
     empty = torch.empty(0, dtype=torch.int32, device=x.device)
     idx_a = empty if idx_a is None else idx_a
     idx_b = empty if idx_b is None else idx_b
     if r is None:
-        if hashed:
+        if hash_params:
             raise ValueError("r must be given for the hashed projection")
         r = idx_a.shape[0]
     if isinstance(theta_d, Tensor):
         theta_d = policy.theta_for_kernels(theta_d)
-    u = UpdateArgs(theta_d, scales, idx_a, idx_b, r, hashed, dropout_p, seed, backend)
+    u = UpdateArgs(theta_d, scales, idx_a, idx_b, r, hash_params, dropout_p, seed, backend)
     check_inputs(x, out_features, u)
     return u._replace(backend=backends.resolve(backend, x.device.type, (rows(x), x.shape[-1], out_features, r)))
 
@@ -416,7 +416,7 @@ def _check_rows(out: Tensor, x: Tensor, name: str) -> None:
 def add_update(base_out: Tensor, x: Tensor, theta_d: Tensor, scales: Tensor, idx_a: Optional[Tensor] = None,
                idx_b: Optional[Tensor] = None, **options) -> Tensor:
     """``base_out + drop(x) A^T B^T`` with A, B read from theta_d through the projection
-    (``options``: r, hashed, dropout_p, seed, backend; see ``update_args``)."""
+    (``options``: r, hash_params, dropout_p, seed, backend; see ``update_args``)."""
     _check_rows(base_out, x, "base_out")
     u = update_args(x, base_out.shape[-1], theta_d, scales, idx_a, idx_b, **options)
     return torch.ops.unilora.add_update(base_out, x, *u)[0]

@@ -42,11 +42,11 @@ class LayerProjection(NamedTuple):
     r: int
     in_features: int
     out_features: int
-    hashed: tuple  # () for "uniform"; (D, offset_of_A, key) for "hashed"
+    hash_params: tuple  # () for "uniform"; (D, offset_of_A, key) for "hashed"
 
     @property
     def is_hashed(self) -> bool:
-        return bool(self.hashed)
+        return bool(self.hash_params)
 
 
 @dataclass(frozen=True)

@@ -90,36 +90,36 @@ def prefer_cuda_kernels(M: int, in_f: int, out_f: int, r: int) -> bool:
 if _C is not None:
 
     @torch.library.register_fake("unilora_C::forward_")
-    def _forward_fake(out, x, theta, scales, idx_a, idx_b, r, hashed, p, seed):
+    def _forward_fake(out, x, theta, scales, idx_a, idx_b, r, hash_params, p, seed):
         return x.new_empty((x.shape[0], r), dtype=compute_dtype(x.dtype, theta.dtype))
 
     @torch.library.register_fake("unilora_C::backward")
-    def _backward_fake(g, x, theta, scales, idx_a, idx_b, r, hashed, p, seed, h, grad_x, need_x, need_theta,
+    def _backward_fake(g, x, theta, scales, idx_a, idx_b, r, hash_params, p, seed, h, grad_x, need_x, need_theta,
                        deterministic):
         gx = x.new_empty(x.shape) if need_x and grad_x is None else x.new_empty(0)
         gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
         return gx, gt
 
     @torch.library.register_fake("unilora_C::lora_matrices")
-    def _lora_matrices_fake(theta, scales, idx_a, idx_b, r, in_features, out_features, hashed):
+    def _lora_matrices_fake(theta, scales, idx_a, idx_b, r, in_features, out_features, hash_params):
         return theta.new_empty((r, in_features)), theta.new_empty((out_features, r))
 
     @torch.library.register_fake("unilora_C::scatter_grad")
-    def _scatter_grad_fake(grad_a, grad_b, scales, idx_a, idx_b, d, hashed, dtype, deterministic):
+    def _scatter_grad_fake(grad_a, grad_b, scales, idx_a, idx_b, d, hash_params, dtype, deterministic):
         return grad_a.new_empty((d,), dtype=dtype)
 
     @torch.library.register_fake("unilora_C::linear")
-    def _linear_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed):
+    def _linear_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed):
         out_f = weight.shape[1] if weight_t else weight.shape[0]
         return x.new_empty((x.shape[0], out_f)), x.new_empty((h_rows(x.device.type, x.shape[0]), r),
                                                              dtype=compute_dtype(x.dtype, theta.dtype))
 
     @torch.library.register_fake("unilora_C::linear_autograd")
-    def _linear_autograd_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed, det):
+    def _linear_autograd_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, det):
         return x.new_empty((x.shape[0], weight.shape[1] if weight_t else weight.shape[0]))
 
     @torch.library.register_fake("unilora_C::linear_backward")
-    def _linear_backward_fake(g, x, weight, weight_t, theta, scales, idx_a, idx_b, r, hashed, p, seed, h, need_x,
+    def _linear_backward_fake(g, x, weight, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, h, need_x,
                               need_theta, deterministic):
         gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
         gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
@@ -135,33 +135,33 @@ if _C is not None:
 
     # Gather (lora_matrices) and scatter (scatter_grad) are adjoint: each one's backward is the other.
     def _setup_gather(ctx, inputs, output):
-        theta, scales, idx_a, idx_b, r, in_f, out_f, hashed = inputs
+        theta, scales, idx_a, idx_b, r, in_f, out_f, hash_params = inputs
         ctx.save_for_backward(scales, idx_a, idx_b)
-        ctx.args = (theta.shape[0], r, in_f, out_f, list(hashed), theta.dtype, theta.device)
+        ctx.args = (theta.shape[0], r, in_f, out_f, list(hash_params), theta.dtype, theta.device)
 
     def _gather_backward(ctx, grad_a, grad_b):
         scales, idx_a, idx_b = ctx.saved_tensors
-        d, r, in_f, out_f, hashed, dtype, device = ctx.args
+        d, r, in_f, out_f, hash_params, dtype, device = ctx.args
         # autograd passes None for an output that was not used: the scatter takes zeros there
         grad_a = torch.zeros((r, in_f), dtype=dtype, device=device) if grad_a is None else grad_a.to(dtype)
         grad_b = torch.zeros((out_f, r), dtype=dtype, device=device) if grad_b is None else grad_b.to(dtype)
         grad_theta = torch.ops.unilora_C.scatter_grad(
-            grad_a, grad_b, scales, idx_a, idx_b, d, hashed, dtype, deterministic()
+            grad_a, grad_b, scales, idx_a, idx_b, d, hash_params, dtype, deterministic()
         )
         return grad_theta, None, None, None, None, None, None, None
 
     torch.library.register_autograd("unilora_C::lora_matrices", _gather_backward, setup_context=_setup_gather)
 
     def _setup_scatter(ctx, inputs, output):
-        grad_a, grad_b, scales, idx_a, idx_b, d, hashed, dtype, _det = inputs
+        grad_a, grad_b, scales, idx_a, idx_b, d, hash_params, dtype, _det = inputs
         ctx.save_for_backward(scales, idx_a, idx_b)
-        ctx.args = (grad_a.shape[0], grad_a.shape[1], grad_b.shape[0], list(hashed), grad_a.dtype)
+        ctx.args = (grad_a.shape[0], grad_a.shape[1], grad_b.shape[0], list(hash_params), grad_a.dtype)
 
     def _scatter_backward(ctx, grad_theta):
         scales, idx_a, idx_b = ctx.saved_tensors
-        r, in_f, out_f, hashed, dtype = ctx.args
+        r, in_f, out_f, hash_params, dtype = ctx.args
         ga, gb = torch.ops.unilora_C.lora_matrices(
-            grad_theta.to(dtype).contiguous(), scales, idx_a, idx_b, r, in_f, out_f, hashed
+            grad_theta.to(dtype).contiguous(), scales, idx_a, idx_b, r, in_f, out_f, hash_params
         )
         return ga, gb, None, None, None, None, None, None, None
 
@@ -199,7 +199,7 @@ def forward_(out: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, proj: Laye
     the fp32 product rounded once); returns ``h = drop(x) A^T`` (M x r, fp32; fp64 if x or theta is)."""
     _check(x, theta, proj, out, "out")
     return torch.ops.unilora_C.forward_(
-        out, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed), float(p), _seed(p, seed)
+        out, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), float(p), _seed(p, seed)
     )
 
 
@@ -208,7 +208,7 @@ def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need
     dtype); grad_theta = P^T [dA | dB] in theta's dtype, the one d-length tensor of the call."""
     _check(x, theta, proj, g, "grad_out")
     new_gx, grad_theta = torch.ops.unilora_C.backward(
-        g, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed), float(p), _seed(p, seed), h,
+        g, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), float(p), _seed(p, seed), h,
         grad_x, bool(need_x), bool(need_theta), deterministic(),
     )
     if need_x and grad_x is None:
@@ -223,7 +223,7 @@ def linear(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: flo
     fp32/fp64 without dropout, the CPU kernels fold B A into W (one GEMM with K = r) rather than
     adding (x A^T) B^T to the output: fewer bytes moved, the same function up to rounding."""
     return torch.ops.unilora_C.linear(
-        x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
+        x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
         float(p), _seed(p, seed),
     )
 
@@ -232,7 +232,7 @@ def linear_autograd(x, weight, bias, weight_t: bool, theta, proj: LayerProjectio
     """The output of ``linear`` with its autograd in C++ (``unilora_C::linear_autograd``): what
     ``UniLoRALinear`` runs for eager training on the ``cpu`` backend, one C++ call each way."""
     return torch.ops.unilora_C.linear_autograd(
-        x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
+        x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
         float(p), _seed(p, seed), deterministic(),
     )
 
@@ -241,7 +241,7 @@ def linear_backward(g, x, weight, weight_t: bool, theta, proj: LayerProjection, 
                     need_theta: bool):
     """(grad_x, grad_theta) of ``linear``: grad_x = g W + ((g B) A) * mask; None where not asked for."""
     gx, gt = torch.ops.unilora_C.linear_backward(
-        g, x, weight, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hashed),
+        g, x, weight, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
         float(p), _seed(p, seed), h, bool(need_x), bool(need_theta), deterministic(),
     )
     return (gx if need_x else None), (gt if need_theta else None)
@@ -250,7 +250,7 @@ def linear_backward(g, x, weight, weight_t: bool, theta, proj: LayerProjection, 
 def lora_matrices(theta: torch.Tensor, proj: LayerProjection, dtype=None):
     """Dense A (r x in) and B (out x r), theta's dtype unless ``dtype`` is given; differentiable in theta."""
     A, B = torch.ops.unilora_C.lora_matrices(
-        theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, proj.in_features, proj.out_features, list(proj.hashed)
+        theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, proj.in_features, proj.out_features, list(proj.hash_params)
     )
     if dtype is not None and dtype != A.dtype:
         A, B = A.to(dtype), B.to(dtype)

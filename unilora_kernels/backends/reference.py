@@ -25,7 +25,7 @@ def flat_indices(proj: LayerProjection, d: int, device) -> torch.Tensor:
     """The theta_d index of every element of A then B, flattened (int32 or int64, layer-sized)."""
     if not proj.is_hashed:
         return torch.cat([proj.idx_a.reshape(-1), proj.idx_b.reshape(-1)])
-    D, offset, key = proj.hashed
+    D, offset, key = proj.hash_params
     n = proj.r * (proj.in_features + proj.out_features)
     positions = torch.arange(offset, offset + n, device=device, dtype=torch.int64)
     return projection.hashed_index(positions, D, d, key)
@@ -34,7 +34,7 @@ def flat_indices(proj: LayerProjection, d: int, device) -> torch.Tensor:
 def flat_scales(proj: LayerProjection, idx: torch.Tensor, d: int) -> torch.Tensor:
     if not proj.is_hashed:
         return proj.scales[idx]
-    return projection.hashed_scale_of(idx, proj.hashed[0], d, proj.scales)
+    return projection.hashed_scale_of(idx, proj.hash_params[0], d, proj.scales)
 
 
 def _gather(theta: torch.Tensor, proj: LayerProjection, dtype):

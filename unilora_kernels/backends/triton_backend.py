@@ -193,9 +193,9 @@ def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection) -> Non
                          "use backend='reference' or 'cuda' for larger ranks")
     d = theta.shape[0]
     if proj.is_hashed:
-        D, offset, _key = proj.hashed
+        D, offset, _key = proj.hash_params
         if proj.scales.numel() != 2 or offset < 0 or offset + proj.r * (proj.in_features + proj.out_features) > D:
-            raise ValueError(f"inconsistent hashed projection {proj.hashed} with {proj.scales.numel()} scales")
+            raise ValueError(f"inconsistent hashed projection {proj.hash_params} with {proj.scales.numel()} scales")
         if D >= 2**31 or d >= 2**31:
             raise ValueError("D and d must be below 2**31")
         tensors = (x2d, theta, proj.scales)
@@ -243,7 +243,7 @@ def _proj_args(theta: torch.Tensor, proj: LayerProjection) -> dict:
     """theta / scale pointers and the hashed projection's ``perm_*`` scalars (None when uniform)."""
     args = dict(theta_ptr=theta, scale_ptr=proj.scales, d=theta.shape[0])
     if proj.is_hashed:
-        args.update(index_math.hashed_args(proj.hashed, theta.shape[0]))
+        args.update(index_math.hashed_args(proj.hash_params, theta.shape[0]))
     else:
         args.update(dict.fromkeys(index_math.PERM_SCALARS))
     return args
@@ -253,7 +253,7 @@ def _perm_bases(proj: LayerProjection) -> tuple:
     """Global positions in [0, D) of A[0, 0] and B[0, 0] (hashed), or None (uniform)."""
     if not proj.is_hashed:
         return None, None
-    off = proj.hashed[1]
+    off = proj.hash_params[1]
     return off, off + proj.r * proj.in_features
 
 

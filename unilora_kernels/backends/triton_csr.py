@@ -59,7 +59,7 @@ def csr_of(theta: torch.Tensor, proj: LayerProjection,
     d = theta.shape[0]
     shape = (proj.r, proj.in_features, proj.out_features, d, str(theta.device))
     if proj.is_hashed:
-        key = ("hashed", tuple(proj.hashed)) + shape
+        key = ("hashed", tuple(proj.hash_params)) + shape
         refs = ()
     else:
         key = ("uniform", proj.idx_a.data_ptr(), proj.idx_b.data_ptr(), _version(proj.idx_a),
