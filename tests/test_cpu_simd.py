@@ -77,18 +77,23 @@ def test_linear_fp32_matches_oracle(simd, M, in_f, out_f, r, weight_t, with_bias
     _check_linear(x, proj, theta, w, b, weight_t, torch.float32, f"M={M}")
 
 
+def _check_fused_linear(x, g, theta, proj, w, b):
+    """ext.linear and ext.linear_backward against the oracle, held to fp32 precision."""
+    ref = oracle(x, theta, proj, weight=w, bias=b, grad_out=g)
+    out, _ = ext.linear(x, w, b, False, theta, proj, 0.0, None)
+    assert_close(out, ref["out"], torch.float32, "out")
+    gx, gt = ext.linear_backward(g, x, w, False, theta, proj, 0.0, None, torch.empty(0, proj.r), True, True)
+    assert_close(gx, ref["grad_x"], torch.float32, "grad_x")
+    assert_close(gt, ref["grad_theta"], torch.float32, "grad_theta")
+
+
 @pytest.mark.parametrize("M", [1, 4, 70])
 def test_linear_fp64_fold_and_hashed(simd, M):
     proj, theta, w, b = _layer(31, 47, 5, torch.float64, False, True, kind="hashed")
     x = torch.randn(M, 31, dtype=torch.float64)
     g = torch.randn(M, 47, dtype=torch.float64)
-    ref = oracle(x, theta, proj, weight=w, bias=b, grad_out=g)
-    out, _ = ext.linear(x, w, b, False, theta, proj, 0.0, None)
     # hashed scales are fp32 by design: fp64 runs agree to fp32 precision (see test_extension)
-    assert_close(out, ref["out"], torch.float32, "out")
-    gx, gt = ext.linear_backward(g, x, w, False, theta, proj, 0.0, None, torch.empty(0, 5), True, True)
-    assert_close(gx, ref["grad_x"], torch.float32, "grad_x")
-    assert_close(gt, ref["grad_theta"], torch.float32, "grad_theta")
+    _check_fused_linear(x, g, theta, proj, w, b)
 
 
 @pytest.mark.parametrize("M", [1, 3, 9, 130])
@@ -98,12 +103,7 @@ def test_strided_rows_and_hashed_projection(simd, M):
     x = torch.randn(M, 50)[:, 3:46]
     g = torch.randn(M, 40)[:, 2:37]
     assert x.stride(0) == 50 and g.stride(0) == 40
-    ref = oracle(x, theta, proj, weight=w, bias=b, grad_out=g)
-    out, _ = ext.linear(x, w, b, False, theta, proj, 0.0, None)
-    assert_close(out, ref["out"], torch.float32, "out")
-    gx, gt = ext.linear_backward(g, x, w, False, theta, proj, 0.0, None, torch.empty(0, 4), True, True)
-    assert_close(gx, ref["grad_x"], torch.float32, "grad_x")
-    assert_close(gt, ref["grad_theta"], torch.float32, "grad_theta")
+    _check_fused_linear(x, g, theta, proj, w, b)
 
 
 @pytest.mark.parametrize("M", [2, 7, 66])
