@@ -7,7 +7,6 @@ with plain nn.Linear layers holding the dequantized weights.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import pytest

@@ -7,7 +7,6 @@ import re
 import warnings
 from typing import Optional
 
-import torch
 from torch import nn
 
 from . import backends
