@@ -44,16 +44,20 @@ class UniLoRABank:
         self.D, self.d = D, d
         self.projection = config.projection
         self._table: Optional[torch.Tensor] = None
+        # Indices the seed does not regenerate (a checkpoint's or a PEFT model's own) must be
+        # saved with the adapter (peft_io.save_adapter).
+        self.indices_from_seed = True
         if self.projection == "uniform":
             if index is None:
                 index = P.generate_index(D, d, config.proj_seed)
+            else:
+                self.indices_from_seed = bool(np.array_equal(index, P.generate_index(D, d, config.proj_seed)))
             self._table = torch.from_numpy(index)
             scales = P.uniform_scales(index, d)
             self.key = None
         else:
             self.key = P.splitmix64(config.proj_seed)
             scales = P.hashed_scales(D, d)
-        self.indices_from_seed = True
         self._exact_scales = scales  # fp32 on CPU (d floats): the table restored after a cast of the owner
 
     def attach(self, theta: torch.Tensor | nn.Parameter, device=None) -> None:

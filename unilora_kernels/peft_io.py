@@ -248,20 +248,15 @@ def load_adapter(model: nn.Module, path, **overrides) -> nn.Module:
     bank = find_bank(model, required=False)
     if bank is None:
         config = as_config(config, {})
-        checked = {}
 
         def index_for(targets, features, D):
             _check_bias_entries(bias_keys, _post_injection_names(model, targets), where)
             if not index_keys:
                 return None
-            checked["index"] = _index_from_checkpoint(index_keys, [n for n, _ in targets], features, config.r,
-                                                      config.theta_d_length, D, where)
-            return checked["index"]
+            return _index_from_checkpoint(index_keys, [n for n, _ in targets], features, config.r,
+                                          config.theta_d_length, D, where)
 
         bank = inject_planned(model, config, index_for)
-        if "index" in checked:
-            bank.indices_from_seed = bool(np.array_equal(
-                checked["index"], P.generate_index(bank.D, config.theta_d_length, config.proj_seed)))
     else:
         _check_same_adapter(model, bank, config, index_keys, where)
         _check_bias_entries(bias_keys, {n: tuple(p.shape) for n, p in model.named_parameters()}, where)
@@ -322,8 +317,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     index = flat.to(torch.int32).numpy()
     del flat, pieces
     merged = {name for name, layer in layers if active in getattr(layer, "merged_adapters", [])}
-    bank = build_layers(hf_model, config, targets, features, D, index=index, theta=theta)
-    bank.indices_from_seed = bool(np.array_equal(index, P.generate_index(D, d, config.proj_seed)))
+    build_layers(hf_model, config, targets, features, D, index=index, theta=theta)
     for name, layer in iter_layers(hf_model):
         layer.merged = name in merged  # PEFT already added B A into these base weights
     return hf_model
