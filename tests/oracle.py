@@ -117,3 +117,35 @@ def random_theta(d: int, seed: int = 0, device="cpu") -> torch.Tensor:
 
 def numpy_rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def mixed_oracle(x, theta, table, seq_adapter, proj: LayerProjection, *, p: float = 0.0, seed=None,
+                 grad_out=None) -> dict:
+    """A mixed batch row by row, in float64: row m of ``x`` (M, in) runs ``oracle``'s math with the
+    adapter of its sequence (``seq_adapter[m // (M // B)]``: -1 none, 0 ``theta``, k > 0
+    ``table[k - 1]``). Returns the update ``upd`` (M, out) and, given grad_out, grad_x,
+    grad_theta and grad_table, from autograd."""
+    M, in_f = x.shape
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    t64 = theta.detach().double().cpu().requires_grad_(True)
+    tab64 = table.detach().double().cpu().requires_grad_(True)
+    ids = seq_adapter.cpu().long().repeat_interleave(M // seq_adapter.shape[0]).tolist()
+    xd = x64
+    if p > 0:
+        keep = philox.dropout_keep(seed, M, in_f, p)
+        xd = x64 * keep * philox.keep_scale(p)
+    rows = []
+    for m, a in enumerate(ids):
+        if a < 0:
+            rows.append(torch.zeros(proj.out_features, dtype=torch.float64))
+            continue
+        A, B = lora_AB64(t64 if a == 0 else tab64[a - 1], proj)
+        rows.append((xd[m] @ A.t()) @ B.t())
+    upd = torch.stack(rows)
+    res = {"upd": upd.detach()}
+    if grad_out is not None:
+        upd.backward(grad_out.detach().double().cpu())
+        res["grad_x"] = x64.grad
+        res["grad_theta"] = t64.grad if t64.grad is not None else torch.zeros_like(t64)
+        res["grad_table"] = tab64.grad if tab64.grad is not None else torch.zeros_like(tab64)
+    return res

@@ -9,6 +9,18 @@ Every backend module implements the same three primitives on flattened 2-D tenso
   dB through the projection into one d-length ``grad_theta``;
 * ``lora_matrices(theta, proj) -> (A, B)``: the dense fp32 LoRA matrices (merge and export).
 
+Mixed batches (many adapters in one call; ``adapters.py``): ``seq_adapter`` (int32, (S,), on the
+device of x) names one adapter per sequence, and row m of x belongs to sequence ``m // (M // S)``:
+-1 runs no adapter (PEFT's ``"__base__"``), 0 reads ``theta`` (the model's own theta_d), k > 0
+reads row k - 1 of ``table`` (``(capacity, d)``, the dtype of ``theta``: fp32, fp64 or bf16/fp16,
+read into the compute dtype). One call per layer, no loop over adapters on the host:
+
+* ``mixed_forward_(out, x, theta, table, seq_adapter, proj, p, seed) -> None``: ``out[m] +=
+  drop(x)[m] A_a^T B_a^T``;
+* ``mixed_backward(g, x, theta, table, seq_adapter, proj, p, seed, need_x, need_theta)
+  -> (grad_x, grad_theta, grad_table)``: the update's own gradients (grad_x in x's dtype, zero on
+  base rows; grad_theta and grad_table in theirs), None for what was not asked.
+
 ``auto`` resolves per device type, once, so results never change behind the user's back: CUDA
 tensors -> triton (and, for decode-sized calls, the compiled cuda kernels when both exist: see
 ``resolve``), else cuda, else reference; CPU tensors -> cpu (the compiled extension), else

@@ -103,3 +103,66 @@ def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need
         grad_theta = torch.zeros(theta.shape[0], dtype=theta.dtype, device=theta.device)
         grad_theta.index_add_(0, idx, vals.to(theta.dtype))
     return grad_x, grad_theta
+
+
+# --------------------------------------------------------------------------------------------
+# mixed batches: each sequence reads its own adapter (backends/__init__.py, "mixed batches")
+# --------------------------------------------------------------------------------------------
+def _mixed_rows(theta, table, seq_adapter, M: int, proj: LayerProjection, dtype):
+    """Per-distinct-adapter A (N, r, in), B (N, out, r), each row's slot in them (M,), a (M,) mask
+    of adapter rows, the distinct ids (N,), and the flat indices and scales of the layer."""
+    d = theta.shape[0]
+    ids = seq_adapter.long().repeat_interleave(M // seq_adapter.shape[0])
+    uniq, slot = torch.unique(ids, return_inverse=True)
+    idx = flat_indices(proj, d, theta.device)
+    sc = flat_scales(proj, idx, d).to(dtype)
+    rows_of = (uniq - 1).clamp(min=0)
+    vals = table[rows_of][:, idx.long()] if table.shape[0] else theta.new_zeros(len(uniq), idx.numel())
+    vals = torch.where((uniq == 0)[:, None], theta[idx][None], vals).to(dtype) * sc
+    vals = vals * (uniq >= 0)[:, None]  # "__base__" (-1): no update
+    n_a = proj.r * proj.in_features
+    A = vals[:, :n_a].view(-1, proj.r, proj.in_features)
+    B = vals[:, n_a:].view(-1, proj.out_features, proj.r)
+    return A, B, slot, ids >= 0, uniq, idx, sc
+
+
+def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed) -> None:
+    """``out[m] += drop(x[m]) A_a^T B_a^T`` with ``a`` the adapter of row m's sequence."""
+    cd = compute_dtype(x, theta)
+    A, B, slot, _, _, _, _ = _mixed_rows(theta, table, seq_adapter, x.shape[0], proj, cd)
+    xd = _dropped(x, p, seed, cd)
+    h = torch.einsum("mk,mrk->mr", xd, A[slot])
+    out.add_(torch.einsum("mr,mor->mo", h, B[slot]).to(out.dtype))
+
+
+def mixed_backward(g, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed, need_x: bool,
+                   need_theta: bool):
+    """(grad_x, grad_theta, grad_table) of the update alone; None for what was not asked."""
+    cd = compute_dtype(x, theta, g)
+    A, B, slot, _, uniq, idx, sc = _mixed_rows(theta, table, seq_adapter, x.shape[0], proj, cd)
+    g = g.to(cd)
+    gB = torch.einsum("mo,mor->mr", g, B[slot])
+    grad_x = grad_theta = grad_table = None
+    if need_x:
+        t = torch.einsum("mr,mrk->mk", gB, A[slot])
+        if p > 0:
+            t = t * philox.dropout_keep(seed, x.shape[0], x.shape[1], p, device=x.device) * philox.keep_scale(p)
+        grad_x = t.to(x.dtype)
+    if need_theta:
+        xd = _dropped(x, p, seed, cd)
+        h = torch.einsum("mk,mrk->mr", xd, A[slot])
+        n = len(uniq)
+        dA = torch.zeros(n, proj.r, proj.in_features, dtype=cd, device=x.device)
+        dA.index_add_(0, slot, gB[:, :, None] * xd[:, None, :])
+        dB = torch.zeros(n, proj.out_features, proj.r, dtype=cd, device=x.device)
+        dB.index_add_(0, slot, g[:, :, None] * h[:, None, :])
+        vals = torch.cat([dA.reshape(n, -1), dB.reshape(n, -1)], 1) * sc
+        d = theta.shape[0]
+        grad_theta = torch.zeros(d, dtype=cd, device=theta.device)
+        grad_theta.index_add_(0, idx.long(), vals[uniq == 0].sum(0))
+        grad_table = torch.zeros(table.shape, dtype=cd, device=table.device)
+        in_table = uniq > 0
+        flat = ((uniq[in_table] - 1)[:, None] * d + idx.long()[None]).reshape(-1)
+        grad_table.view(-1).index_add_(0, flat, vals[in_table].reshape(-1))
+        grad_theta, grad_table = grad_theta.to(theta.dtype), grad_table.to(table.dtype)
+    return grad_x, grad_theta, grad_table
