@@ -1,12 +1,15 @@
 """Fused kernels for Uni-LoRA: one trainable vector theta_d for a whole model.
 
 Public API: ``UniLoRAConfig``, ``inject``, ``UniLoRALinear``, ``from_peft``, ``load_adapter``,
+``add_adapter``, ``adapter_batch`` and the rest of ``adapters.py`` (many adapters in one batch),
 ``save_adapter``, ``merge``, ``unmerge``, ``export_lora``, ``ops`` and ``build_info``.
 """
 
 from . import hf_trainer  # UniLoRATrainer, adapter_checkpoints: transformers is imported on first use
 from . import ops
 from ._version import __version__
+from .adapters import (adapter_batch, adapter_memory, adapter_names, adapter_theta, add_adapter,
+                       remove_adapter)
 from .backends import BackendNotAvailableError
 from .build_info import build_info
 from .config import UniLoRAConfig
@@ -18,6 +21,12 @@ __all__ = [
     "BackendNotAvailableError",
     "UniLoRAConfig",
     "UniLoRALinear",
+    "adapter_batch",
+    "adapter_memory",
+    "adapter_names",
+    "adapter_theta",
+    "add_adapter",
+    "remove_adapter",
     "__version__",
     "build_info",
     "export_lora",

@@ -44,6 +44,8 @@ class UniLoRABank:
         self.D, self.d = D, d
         self.projection = config.projection
         self._table: Optional[torch.Tensor] = None
+        self.adapters = None  # the AdapterTable of other adapters sharing this projection (adapter_table.py)
+        self.batch: Optional[torch.Tensor] = None  # per-sequence adapter ids inside ``adapter_batch``
         # Indices the seed does not regenerate (a checkpoint's or a PEFT model's own) must be
         # saved with the adapter (peft_io.save_adapter).
         self.indices_from_seed = True

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends, ops, philox
+from . import adapter_table, backends, ops, philox
 from .backends import policy
 from .bank import UniLoRABank, init_theta
 from .config import UniLoRAConfig, requested_backend
@@ -194,6 +194,8 @@ class UniLoRALinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
+        if self.bank.batch is not None and self.adapter_enabled:
+            return self._mixed_forward(x, self.bank.batch, args, kwargs)
         if self.merged or not self.adapter_enabled:
             if self.merged and torch.is_grad_enabled() and self.theta_d.requires_grad and self.training:
                 warnings.warn("UniLoRALinear is merged: theta_d gets no gradient until unmerge()", stacklevel=2)
@@ -243,6 +245,40 @@ class UniLoRALinear(nn.Module):
         if _needs_grad(x, theta, weight, bias):
             return ops.linear_train(x, weight, bias, self._weight_t, u)
         return ops.linear_forward(x, weight, bias, self._weight_t, *u)[0]
+
+    def _mixed_forward(self, x: torch.Tensor, seq_adapter: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """Inside ``adapter_batch``: the base layer, then each sequence's own adapter (one op)."""
+        if self.merged:
+            raise ValueError("adapter_batch needs unmerged layers (a merged layer holds the default adapter): unmerge() first")
+        if x.dim() < 2 or x.shape[0] != seq_adapter.shape[0]:
+            raise ValueError(f"adapter_batch names {seq_adapter.shape[0]} sequences but {type(self).__name__} got an "
+                             f"input of shape {tuple(x.shape)} (dimension 0 is the batch)")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
+        theta = self.theta_d
+        table = adapter_table.table_for(self.bank, theta)
+        theta = theta.to(device=x.device, dtype=table.dtype)
+        table = table.to(x.device)
+        scales = self.bank.scales.to(x.device)
+        seq_adapter = seq_adapter.to(x.device)
+        base_out = self.base_layer(x, *args, **kwargs)
+        if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
+            raise ValueError(f"base layer returned shape {tuple(base_out.shape)} for input {tuple(x.shape)}")
+        x = x.to(base_out.dtype)  # autocast: the update reads x as the base layer did
+        p = self.unilora_dropout if self.training else 0.0
+        seed = philox.new_seed() if p > 0 else None
+        backend = backends.resolve(self.requested_backend(), x.device.type,
+                                   (ops.rows(x), self.in_features, self.out_features, self.r))
+        u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hash_params, p,
+                           seed, backend)
+        if torch.compiler.is_compiling():
+            return torch.ops.unilora.mixed_add_update(base_out, x, table, seq_adapter, *u)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, theta, table)):
+            return ops.MixedFunction.apply(base_out, x, table, seq_adapter, *u)
+        if _owns_storage(base_out, x):
+            ops.mixed_add_update_inplace_body(base_out, x, table, seq_adapter, *u)
+            return base_out
+        return ops.mixed_add_update_body(base_out, x, table, seq_adapter, *u)
 
     def extra_repr(self) -> str:
         try:

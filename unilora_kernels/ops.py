@@ -444,3 +444,170 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta_d: Tensor, s
         raise TypeError(f"x is {x.dtype} but the base weight is {weight.dtype}")
     u = update_args(x, out_f, theta_d, scales, idx_a, idx_b, **options)
     return torch.ops.unilora.linear(x, weight, bias, weight_t, *u)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# mixed batches: one adapter per sequence (adapters.py; backends/__init__.py, "Mixed batches")
+# --------------------------------------------------------------------------------------------
+MIXED_SCHEMA = f"Tensor table, Tensor seq_adapter, {UPDATE_SCHEMA}"
+
+
+def _mixed_into(out: Tensor, x: Tensor, table: Tensor, seq_adapter: Tensor, u: UpdateArgs) -> None:
+    """out[m] += drop(x)[m] A_a^T B_a^T in place (out contiguous), a = row m's adapter."""
+    out_f = out.shape[-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] == 0:
+        return
+    impl = backends.get_backend(u.backend, x.device.type)
+    with autocast_disabled(x.device.type):
+        impl.mixed_forward_(out.view(-1, out_f), x2d, u.theta_d, table, seq_adapter,
+                            u.projection(x.shape[-1], out_f), u.dropout_p, u.seed_value())
+
+
+def mixed_add_update_body(base_out: Tensor, x: Tensor, table: Tensor, seq_adapter: Tensor, *update) -> Tensor:
+    """The body of ``unilora::mixed_add_update``; called directly (no custom-op dispatch) in eager mode."""
+    out = base_out.clone(memory_format=torch.contiguous_format)
+    _mixed_into(out, x, table, seq_adapter, UpdateArgs(*update))
+    return out
+
+
+_mixed_op = torch.library.custom_op(
+    "unilora::mixed_add_update", mixed_add_update_body, mutates_args=(),
+    schema=f"(Tensor base_out, Tensor x, {MIXED_SCHEMA}) -> Tensor")
+
+
+@_mixed_op.register_fake
+def _(base_out, x, table, seq_adapter, *update):
+    return base_out.new_empty(base_out.shape)
+
+
+def mixed_add_update_inplace_body(out: Tensor, x: Tensor, table: Tensor, seq_adapter: Tensor, *update) -> None:
+    u = UpdateArgs(*update)
+    if out.is_contiguous():
+        _mixed_into(out, x, table, seq_adapter, u)
+        return
+    tmp = out.contiguous()
+    _mixed_into(tmp, x, table, seq_adapter, u)
+    out.copy_(tmp)
+
+
+_mixed_inplace_op = torch.library.custom_op(
+    "unilora::mixed_add_update_", mixed_add_update_inplace_body, mutates_args=("out",),
+    schema=f"(Tensor(a!) out, Tensor x, {MIXED_SCHEMA}) -> ()")
+
+
+@_mixed_inplace_op.register_fake
+def _(out, x, table, seq_adapter, *update):
+    return None
+
+
+def mixed_backward_body(grad_out: Tensor, x: Tensor, table: Tensor, seq_adapter: Tensor, *rest):
+    """The body of ``unilora::mixed_backward``: (grad_x, grad_theta, grad_table) of the update; an
+    output that was not asked for is an empty tensor. ``rest`` is ``<update>, need_x, need_theta``
+    (need_theta asks for both theta_d's and the table's gradient)."""
+    u = UpdateArgs(*rest[:N_UPDATE])
+    need_x, need_theta = rest[N_UPDATE:]
+    in_f, out_f = x.shape[-1], grad_out.shape[-1]
+    x2d, g2d = x.reshape(-1, in_f), grad_out.reshape(-1, out_f)
+    grad_x = grad_theta = grad_table = None
+    if x2d.shape[0] == 0:
+        grad_x = torch.zeros_like(x2d) if need_x else None
+        if need_theta:
+            grad_theta, grad_table = torch.zeros_like(u.theta_d), torch.zeros_like(table)
+    elif need_x or need_theta:
+        impl = backends.get_backend(u.backend, x.device.type)
+        with autocast_disabled(x.device.type):
+            grad_x, grad_theta, grad_table = impl.mixed_backward(
+                g2d, x2d, u.theta_d, table, seq_adapter, u.projection(in_f, out_f), u.dropout_p, u.seed_value(),
+                need_x, need_theta)
+    grad_x = grad_x.view(x.shape) if need_x else x.new_empty(0)
+    if not need_theta:
+        grad_theta, grad_table = u.theta_d.new_empty(0), table.new_empty(0)
+    return grad_x, grad_theta, grad_table
+
+
+_mixed_backward_op = torch.library.custom_op(
+    "unilora::mixed_backward", mixed_backward_body, mutates_args=(),
+    schema=(f"(Tensor grad_out, Tensor x, {MIXED_SCHEMA}, bool need_grad_x, bool need_grad_theta) "
+            "-> (Tensor, Tensor, Tensor)"))
+
+
+@_mixed_backward_op.register_fake
+def _(grad_out, x, table, seq_adapter, *rest):
+    theta_d = rest[0]
+    need_x, need_theta = rest[-2:]
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            theta_d.new_empty(theta_d.shape) if need_theta else theta_d.new_empty(0),
+            table.new_empty(table.shape) if need_theta else table.new_empty(0))
+
+
+def _setup_mixed(ctx, inputs, output):
+    base_out, x, table, seq_adapter, *update = inputs
+    u = UpdateArgs(*update)
+    ctx.save_for_backward(x, table, seq_adapter, u.theta_d, u.scales, u.idx_a, u.idx_b, u.seed)
+    ctx.args = (u.r, list(u.hash_params), u.dropout_p, u.backend)
+    ctx.backward_fn = torch.ops.unilora.mixed_backward  # traceable: one opaque op under torch.compile
+
+
+def _backward_mixed(ctx, grad_out):
+    x, table, seq_adapter, theta_d, scales, idx_a, idx_b, seed = ctx.saved_tensors
+    r, hash_params, dropout_p, backend = ctx.args
+    u = UpdateArgs(theta_d, scales, idx_a, idx_b, r, hash_params, dropout_p, seed, backend)
+    need_base, need_x, need_table, need_theta_d = (ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
+    grad_x = grad_theta = grad_table = None
+    if need_x or need_table or need_theta_d:
+        grad_x, grad_theta, grad_table = ctx.backward_fn(grad_out, x, table, seq_adapter, *u, need_x,
+                                                         need_table or need_theta_d)
+    return ((grad_out if need_base else None), grad_x if need_x else None, grad_table if need_table else None,
+            None, grad_theta if need_theta_d else None) + (None,) * (N_UPDATE - 1)
+
+
+_mixed_op.register_autograd(_backward_mixed, setup_context=_setup_mixed)
+
+
+class MixedFunction(torch.autograd.Function):
+    """``unilora::mixed_add_update`` with its autograd, for eager mode (no custom-op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, table, seq_adapter, *update):
+        out = mixed_add_update_body(base_out, x, table, seq_adapter, *update)
+        _setup_mixed(ctx, (base_out, x, table, seq_adapter, *update), out)
+        ctx.backward_fn = mixed_backward_body
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward_mixed(ctx, grad_out)
+
+
+def check_mixed(x: Tensor, table: Tensor, seq_adapter: Tensor, theta_d: Tensor) -> None:
+    """Raise TypeError/ValueError naming the first problem with a mixed batch's own arguments."""
+    if not isinstance(table, Tensor) or table.dim() != 2 or table.shape[1] != theta_d.shape[0]:
+        raise ValueError(f"table must be (capacity, d = {theta_d.shape[0]}), got {tuple(getattr(table, 'shape', ()))}")
+    if table.dtype not in policy.TABLE_DTYPES:
+        raise TypeError(f"table must be one of {policy.TABLE_DTYPES}, got {table.dtype}")
+    if table.dtype != theta_d.dtype:
+        raise TypeError(f"table is {table.dtype} but theta_d is {theta_d.dtype}: they must match")
+    if table.device != x.device or seq_adapter.device != x.device:
+        raise ValueError(f"x ({x.device}), table ({table.device}) and seq_adapter ({seq_adapter.device}) must be on one device")
+    if seq_adapter.dtype != torch.int32 or seq_adapter.dim() != 1 or seq_adapter.numel() == 0:
+        raise TypeError(f"seq_adapter must be a non-empty 1-D int32 tensor, got {seq_adapter.dtype} {tuple(seq_adapter.shape)}")
+    S = seq_adapter.shape[0]
+    if x.dim() < 2 or x.shape[0] != S:
+        raise ValueError(f"seq_adapter names {S} sequences but x has shape {tuple(x.shape)} (dimension 0 is the batch)")
+    lo, hi = int(seq_adapter.min()), int(seq_adapter.max())
+    if lo < -1 or hi > table.shape[0]:
+        raise ValueError(f"seq_adapter values must be in [-1, {table.shape[0]}] (-1 base, 0 theta_d, k table row k-1), "
+                         f"got [{lo}, {hi}]")
+
+
+def mixed_add_update(base_out: Tensor, x: Tensor, theta_d: Tensor, table: Tensor, seq_adapter: Tensor, scales: Tensor,
+                     idx_a: Optional[Tensor] = None, idx_b: Optional[Tensor] = None, **options) -> Tensor:
+    """``base_out + drop(x) A_a^T B_a^T`` where sequence s (dimension 0 of x) reads adapter
+    ``seq_adapter[s]``: -1 none, 0 ``theta_d``, k > 0 ``table[k - 1]`` (``options`` as ``add_update``)."""
+    _check_rows(base_out, x, "base_out")
+    u = update_args(x, base_out.shape[-1], theta_d, scales, idx_a, idx_b, **options)
+    if isinstance(table, Tensor) and table.dtype in (torch.bfloat16, torch.float16) and theta_d.is_floating_point():
+        u = u._replace(theta_d=theta_d.to(table.dtype))  # a bf16 table reads the default adapter in bf16 too
+    check_mixed(x, table, seq_adapter, u.theta_d)
+    return torch.ops.unilora.mixed_add_update(base_out, x, table, seq_adapter, *u)

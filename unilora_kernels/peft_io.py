@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import projection as P
+from .adapter_table import DEFAULT, theta_of
 from .bank import UniLoRABank
 from .config import CONFIG_FILE, HASHED_CONFIG_FILE, UniLoRAConfig, read_adapter_config
 from .layer import Conv1D
@@ -82,11 +83,13 @@ def write_adapter_dir(path, config: dict, state: dict, config_name: str = CONFIG
 # --------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, path) -> None:
-    """Write the adapter in PEFT's directory format (PEFT's ``from_pretrained`` loads it)."""
+def save_adapter(model: nn.Module, path, name: str = DEFAULT) -> None:
+    """Write an adapter in PEFT's directory format (PEFT's ``from_pretrained`` loads it): the
+    model's own (``"default"``) or any ``add_adapter``'d one by ``name``."""
     bank = find_bank(model)
     cfg = bank.config
-    state = {THETA_KEY: bank.theta_d.detach().float().cpu().contiguous()}
+    theta = theta_of(bank, name)
+    state = {THETA_KEY: theta.detach().float().cpu().contiguous().clone()}
     state.update({PREFIX + k: v.detach().cpu().contiguous() for k, v in bias_state(model, bank).items()})
     if cfg.projection == "hashed":
         config = {"peft_type": "UNILORA", **dataclasses.asdict(cfg)}
@@ -111,7 +114,7 @@ def save_adapter(model: nn.Module, path) -> None:
 # --------------------------------------------------------------------------------------------
 # load
 # --------------------------------------------------------------------------------------------
-def _checked_theta(tensors: dict, d: int, where: str) -> torch.Tensor:
+def checked_theta(tensors: dict, d: int, where: str) -> torch.Tensor:
     theta = tensors.get(THETA_KEY)
     if theta is None:
         raise ValueError(f"{where}: no {THETA_KEY!r} tensor (keys: {sorted(tensors)[:6]})")
@@ -124,7 +127,7 @@ def _checked_theta(tensors: dict, d: int, where: str) -> torch.Tensor:
     return theta
 
 
-def _split_keys(tensors: dict, where: str):
+def split_keys(tensors: dict, where: str):
     index_keys, bias_keys = {}, {}
     for key, value in tensors.items():
         if key == THETA_KEY:
@@ -192,7 +195,7 @@ def _check_bias_entries(bias_tensors: dict, shapes: dict, where: str) -> None:
             raise ValueError(f"{where}: bias {key!r} has shape {tuple(value.shape)}, the model's is {shapes[name]}")
 
 
-def _check_same_adapter(model, bank: UniLoRABank, config: UniLoRAConfig, index_keys: dict, where: str) -> None:
+def check_same_adapter(model, bank: UniLoRABank, config: UniLoRAConfig, index_keys: dict, where: str) -> None:
     mine = bank.config
     for field in ("r", "theta_d_length", "proj_seed", "projection"):
         if getattr(mine, field) != getattr(config, field):
@@ -241,8 +244,8 @@ def load_adapter(model: nn.Module, path, **overrides) -> nn.Module:
     where = os.fspath(path)
     config = UniLoRAConfig.from_peft_config(read_adapter_config(path), **overrides)
     tensors = read_adapter_tensors(path)
-    theta = _checked_theta(tensors, config.theta_d_length, where)
-    index_keys, bias_keys = _split_keys(tensors, where)
+    theta = checked_theta(tensors, config.theta_d_length, where)
+    index_keys, bias_keys = split_keys(tensors, where)
     if index_keys and config.projection != "uniform":
         raise ValueError(f"{where}: stored indices only exist for the uniform projection")
     bank = find_bank(model, required=False)
@@ -258,7 +261,7 @@ def load_adapter(model: nn.Module, path, **overrides) -> nn.Module:
 
         bank = inject_planned(model, config, index_for)
     else:
-        _check_same_adapter(model, bank, config, index_keys, where)
+        check_same_adapter(model, bank, config, index_keys, where)
         _check_bias_entries(bias_keys, {n: tuple(p.shape) for n, p in model.named_parameters()}, where)
     with torch.no_grad():
         bank.theta_d.copy_(theta.to(bank.theta_d.device, bank.theta_d.dtype))

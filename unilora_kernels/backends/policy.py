@@ -15,6 +15,10 @@ import torch
 # Activations (x, outputs, gradients) any backend accepts; theta_d is fp32 (fp64 for gradcheck).
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 THETA_DTYPES = (torch.float32, torch.float64)
+# A mixed batch's adapter table (and theta_d beside it): what a user may store it in (fp32, or bf16
+# to halve its memory), and what the mixed kernels read (converting to the compute dtype).
+ADAPTER_TABLE_DTYPES = (torch.float32, torch.bfloat16)
+TABLE_DTYPES = THETA_DTYPES + (torch.bfloat16, torch.float16)
 
 # Decode-sized calls: at most this many rows (and this rank) run one fused kernel per layer
 # (the cuda decode kernel; Triton's one-launch forward schedule).

@@ -1,0 +1,162 @@
+"""Many adapters of one model: their theta vectors in one ``(capacity, d)`` table.
+
+Every adapter trained with the model's configuration shares its projection (index table, scales,
+layer slices), so an adapter is nothing but a d-length vector. The model's own theta_d stays the
+parameter ``unilora_theta_d`` (the adapter ``"default"``); the others are rows of the parameter
+``unilora_adapter_table`` on the same owner module, which an optimizer takes like any parameter.
+The table grows by doubling, so its shape (and a compiled graph's) changes only at a growth.
+A mixed batch names one adapter per sequence; kernels read ids: -1 base, 0 default, k table row k-1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .backends import policy
+
+TABLE_NAME = "unilora_adapter_table"
+DEFAULT = "default"
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+INITIAL_CAPACITY = 4
+
+
+class AdapterTable:
+    """The named rows of the owner's ``unilora_adapter_table`` (one per bank)."""
+
+    def __init__(self, bank, dtype: torch.dtype = torch.float32):
+        if dtype not in policy.ADAPTER_TABLE_DTYPES:
+            raise TypeError(f"the adapter table is stored in one of {policy.ADAPTER_TABLE_DTYPES}, not {dtype}")
+        self.bank = bank
+        self.dtype = dtype
+        self.rows: dict[str, int] = {}  # name -> row of the table
+
+    # -- storage ---------------------------------------------------------------------------
+    @property
+    def table(self) -> Optional[nn.Parameter]:
+        return getattr(self.bank.owner, TABLE_NAME, None)
+
+    @property
+    def capacity(self) -> int:
+        table = self.table
+        return 0 if table is None else table.shape[0]
+
+    def table_for(self, theta: torch.Tensor) -> torch.Tensor:
+        """The table the kernels read beside ``theta`` (an empty one before the first adapter)."""
+        table = self.table
+        if table is None:
+            return theta.new_empty((0, theta.shape[0]), dtype=self.dtype)
+        return table
+
+    def _free_row(self) -> int:
+        used = set(self.rows.values())
+        free = [i for i in range(self.capacity) if i not in used]
+        if free:
+            return free[0]
+        self._grow(max(INITIAL_CAPACITY, 2 * self.capacity))
+        return len(used)
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate the table at ``capacity`` rows (a new parameter: build optimizers afterwards)."""
+        theta = self.bank.theta_d
+        old = self.table
+        new = torch.zeros((capacity, self.bank.d), dtype=self.dtype, device=theta.device)
+        if old is not None:
+            new[: old.shape[0]].copy_(old.detach())
+        self.bank.owner.register_parameter(TABLE_NAME, nn.Parameter(new, requires_grad=theta.requires_grad))
+
+    # -- names -----------------------------------------------------------------------------
+    def names(self) -> list:
+        return [DEFAULT] + list(self.rows)
+
+    def check_new_name(self, name) -> None:
+        check_new_name(name, self.rows)
+
+    def add(self, name: str, theta: torch.Tensor) -> None:
+        """Store ``theta`` (checked by the caller: length d, finite) as adapter ``name``."""
+        self.check_new_name(name)
+        row = self._free_row()
+        with torch.no_grad():
+            self.table[row].copy_(theta.to(self.table.device, self.dtype))
+        self.rows[name] = row
+
+    def remove(self, name: str) -> None:
+        if name == DEFAULT:
+            raise ValueError(f"{DEFAULT!r} is the model's own theta_d and cannot be removed")
+        row = self._row(name)
+        del self.rows[name]
+        with torch.no_grad():
+            self.table[row].zero_()
+
+    def _row(self, name: str) -> int:
+        if name not in self.rows:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {self.names()} (and {BASE!r} for none)")
+        return self.rows[name]
+
+    def theta_of(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s d-length vector (a view: the model's theta_d or a table row)."""
+        return self.bank.theta_d if name == DEFAULT else self.table[self._row(name)]
+
+    def memory(self) -> dict:
+        """Bytes of the table and per adapter, beside a plain LoRA adapter of the same layers (fp32)."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return {
+            "adapters": len(self.names()),
+            "capacity": self.capacity,
+            "table_bytes": self.capacity * self.bank.d * itemsize,
+            "bytes_per_adapter": self.bank.d * itemsize,
+            "lora_bytes_per_adapter": self.bank.D * 4,
+        }
+
+
+def check_new_name(name, taken) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"an adapter name is a non-empty str, got {name!r}")
+    if name in (DEFAULT, BASE) or name in taken:
+        raise ValueError(f"adapter name {name!r} is taken ({DEFAULT!r} is the model's own theta_d, {BASE!r} means "
+                         f"none; added: {list(taken)})")
+
+
+def sequence_ids(bank, names: Sequence[str], device) -> torch.Tensor:
+    """The kernels' int32 id per sequence: -1 base, 0 default, k > 0 table row k - 1."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"names must be a non-empty list of adapter names (one per sequence), got {names!r}")
+    rows = {} if bank.adapters is None else bank.adapters.rows
+    ids = []
+    for name in names:
+        if name == BASE:
+            ids.append(-1)
+        elif name == DEFAULT:
+            ids.append(0)
+        elif name in rows:
+            ids.append(rows[name] + 1)
+        else:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {[DEFAULT, *rows]} (and {BASE!r} for none)")
+    return torch.tensor(ids, dtype=torch.int32, device=device)
+
+
+def theta_of(bank, name: str) -> torch.Tensor:
+    """Adapter ``name``'s d-length vector: the model's theta_d or a view of its table row."""
+    if name == DEFAULT:
+        return bank.theta_d
+    if bank.adapters is None:
+        raise ValueError(f"unknown adapter {name!r}; adapters: [{DEFAULT!r}] (none added)")
+    return bank.adapters.theta_of(name)
+
+
+def table_for(bank, theta: torch.Tensor) -> torch.Tensor:
+    """The table a mixed batch reads beside ``theta``: the bank's, or an empty fp32 one."""
+    if bank.adapters is None:
+        return theta.new_empty((0, theta.shape[0]), dtype=torch.float32)
+    return bank.adapters.table_for(theta)
+
+
+def table_of(bank, create: bool = False, dtype: Optional[torch.dtype] = None) -> Optional[AdapterTable]:
+    """The bank's adapter table (made on first use when ``create``)."""
+    if bank.adapters is None and create:
+        bank.adapters = AdapterTable(bank, dtype or torch.float32)
+    elif dtype is not None and bank.adapters is not None and bank.adapters.dtype != dtype:
+        raise ValueError(f"the model's adapter table is {bank.adapters.dtype}; it cannot hold {dtype} adapters")
+    return bank.adapters

@@ -1,0 +1,116 @@
+"""Many adapters in one model: register them, batch them per sequence, train them together.
+
+    unilora_kernels.add_adapter(model, "fr", "adapters/fr")       # a directory, or a theta_d tensor
+    with unilora_kernels.adapter_batch(model, ["fr", "default", "__base__", "fr"]):
+        out = model.generate(**batch)                              # sequence i runs names[i]
+
+Adapters share the model's projection, so one is a d-length vector (``adapter_table.py``). Adding
+or removing one never re-injects or copies the base model; everything is checked first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .adapter_table import DEFAULT, check_new_name, sequence_ids, table_of, theta_of
+from .config import UniLoRAConfig, read_adapter_config
+from .model import find_bank, iter_layers
+from .peft_io import check_same_adapter, checked_theta, read_adapter_tensors, split_keys
+
+
+def add_adapter(model: nn.Module, name: str, source: Union[str, os.PathLike, torch.Tensor], *,
+                dtype: Optional[torch.dtype] = None) -> None:
+    """Register adapter ``name`` from ``source``: an adapter directory (saved by this package or by
+    PEFT) or a theta_d tensor of length d. Its r, d, proj_seed, projection, target layers and D must be
+    the model's. ``dtype`` (torch.float32, or torch.bfloat16 to halve the memory) is fixed by the first
+    adapter added."""
+    bank = find_bank(model)
+    table = table_of(bank)
+    check_new_name(name, {} if table is None else table.rows)
+    if bank.config.bias != "none":
+        raise ValueError(f"the model's adapter trains biases (bias={bank.config.bias!r}); adapters in one batch "
+                         "share the base layers, so mixed batches need bias='none'")
+    if isinstance(source, torch.Tensor):
+        theta = _checked_tensor(source, bank.d)
+    else:
+        theta = _theta_from_dir(model, bank, source)
+    table_of(bank, create=True, dtype=dtype).add(name, theta)
+
+
+def _checked_tensor(theta: torch.Tensor, d: int) -> torch.Tensor:
+    if not theta.is_floating_point() or theta.dim() != 1:
+        raise TypeError(f"an adapter tensor is a 1-D float theta_d, got {theta.dtype} of shape {tuple(theta.shape)}")
+    if theta.numel() != d:
+        raise ValueError(f"the adapter has d = {theta.numel():,}, the model's theta_d_length is {d:,}")
+    if not bool(torch.isfinite(theta).all()):
+        raise ValueError("the adapter's theta_d contains NaN or inf values")
+    return theta.detach()
+
+
+def _theta_from_dir(model: nn.Module, bank, path) -> torch.Tensor:
+    where = os.fspath(path)
+    config = UniLoRAConfig.from_peft_config(read_adapter_config(path))
+    tensors = read_adapter_tensors(path)
+    index_keys, bias_keys = split_keys(tensors, where)
+    if bias_keys:
+        raise ValueError(f"{where}: the adapter trains biases ({sorted(bias_keys)[:2]}...); adapters in one batch "
+                         "share the base layers' biases")
+    check_same_adapter(model, bank, config, index_keys, where)
+    return checked_theta(tensors, config.theta_d_length, where)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Forget adapter ``name`` (its table row is zeroed and reused by the next ``add_adapter``)."""
+    bank = find_bank(model)
+    if bank.batch is not None:
+        raise ValueError("remove_adapter inside adapter_batch: leave the batch first")
+    table = table_of(bank)
+    if table is None:
+        if name == DEFAULT:
+            raise ValueError(f"{DEFAULT!r} is the model's own theta_d and cannot be removed")
+        raise ValueError(f"unknown adapter {name!r}; adapters: [{DEFAULT!r}]")
+    table.remove(name)
+
+
+def adapter_names(model: nn.Module) -> list:
+    """``["default", <added adapters in order>]``."""
+    table = table_of(find_bank(model))
+    return [DEFAULT] if table is None else table.names()
+
+
+def adapter_memory(model: nn.Module) -> dict:
+    """Bytes of the adapter table and per adapter, beside plain LoRA's (fp32 A and B) for the same layers."""
+    bank = find_bank(model)
+    table = table_of(bank)
+    if table is None:
+        item = bank.theta_d.element_size()
+        return {"adapters": 1, "capacity": 0, "table_bytes": 0, "bytes_per_adapter": bank.d * item,
+                "lora_bytes_per_adapter": bank.D * 4}
+    return table.memory()
+
+
+def adapter_theta(model: nn.Module, name: str = DEFAULT) -> torch.Tensor:
+    """Adapter ``name``'s theta_d (a view of the model's parameter or of its table row)."""
+    return theta_of(find_bank(model), name)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[str]):
+    """Run sequence i of every forward inside (``generate()`` included) with adapter ``names[i]``
+    (``"__base__"``: the base model alone). In training mode each row's gradient goes to its own
+    adapter: ``model.unilora_theta_d`` for "default", rows of ``model.unilora_adapter_table`` for the others."""
+    bank = find_bank(model)
+    ids = sequence_ids(bank, names, bank.theta_d.device)
+    if any(layer.merged for _, layer in iter_layers(model)):
+        raise ValueError("adapter_batch needs unmerged layers (a merged layer holds the default adapter): unmerge() first")
+    previous = bank.batch
+    bank.batch = ids
+    try:
+        yield ids
+    finally:
+        bank.batch = previous
