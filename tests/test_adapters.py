@@ -165,12 +165,13 @@ def test_training_many_adapters_equals_training_each_alone(backend):
 
 
 # ------------------------------------------------------------------------------ compile -----
-def test_compiled_mixed_batch_has_no_graph_break_and_no_recompile():
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_mixed_batch_has_no_graph_break_and_no_recompile(compiler):
     _, model = _model(backend="reference")
     for i, t in enumerate(_thetas(3)):
         uk.add_adapter(model, f"a{i}", t)
     ids = torch.randint(0, 61, (4, 5))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     torch._dynamo.reset()
     with torch.no_grad():
         for names in (["a0", "a1", "default", "__base__"], ["a2", "a2", "a0", "default"]):
@@ -178,8 +179,30 @@ def test_compiled_mixed_batch_has_no_graph_break_and_no_recompile():
                 got = compiled(ids).logits
                 want = model(ids).logits
             _close(got, want, 1e-5)
-        with torch._dynamo.config.patch(error_on_recompile=True), uk.adapter_batch(model, ["a1", "__base__", "a1", "a0"]):
-            compiled(ids)
+        uk.remove_adapter(model, "a0")
+        uk.add_adapter(model, "a3", _thetas(1, seed=9)[0])  # a free row: no growth, no new shape
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for names in (["a1", "__base__", "a1", "a3"], ["default"] * 4):
+                with uk.adapter_batch(model, names):
+                    _close(compiled(ids).logits, model(ids).logits, 1e-5)
+
+
+def test_compiled_mixed_training_step_matches_eager():
+    _, model = _model(backend="reference")
+    model.train()
+    for i, t in enumerate(_thetas(2)):
+        uk.add_adapter(model, f"a{i}", t)
+    ids = torch.randint(0, 61, (3, 6))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    grads = []
+    for m in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        with uk.adapter_batch(model, ["a1", "default", "a0"]):
+            m(input_ids=ids, labels=ids).loss.backward()
+        grads.append((model.unilora_theta_d.grad.clone(), model.unilora_adapter_table.grad.clone()))
+    for eager, comp in zip(*grads):
+        _close(comp, eager, 1e-6)
+    assert grads[0][1][:2].abs().sum() > 0
 
 
 # ----------------------------------------------------------------------- saving, memory -----
