@@ -29,6 +29,17 @@ def kind_p_params(p_on: float) -> list:
             for kind in ("uniform", "hashed") for p in (0.0, p_on)]
 
 
+def availability_marks(backend: str, device: str) -> list:
+    """``gpu`` for the cuda backend, a skip naming the reason for a backend that cannot run here."""
+    if backend == "cuda":
+        return [pytest.mark.gpu]
+    try:
+        backends.get_backend(backend, device)
+    except backends.BackendNotAvailableError as exc:
+        return [pytest.mark.skip(reason=str(exc))]
+    return []
+
+
 def seed_tensor(p: float):
     return torch.tensor([SEED], dtype=torch.int64) if p > 0 else None
 

@@ -10,23 +10,13 @@ import torch
 
 import unilora_kernels as uk
 from conftest import tiny_llama
-from unilora_kernels import backends
+from contract import availability_marks
 from unilora_kernels.model import find_bank
 
-HAS_CUDA = torch.cuda.is_available()
 D_SMALL = 97
 
 
-def _available(backend):
-    device = "cuda" if backend == "triton" and HAS_CUDA else "cpu"
-    try:
-        backends.get_backend(backend, device)
-    except backends.BackendNotAvailableError as exc:
-        return [pytest.mark.skip(reason=str(exc))]
-    return []
-
-
-BACKEND_PARAMS = [pytest.param(b, marks=_available(b)) for b in ("reference", "cpu", "triton")]
+BACKEND_PARAMS = [pytest.param(b, marks=availability_marks(b, "cpu")) for b in ("reference", "cpu", "triton")]
 
 
 def _model(projection="uniform", backend="auto", d=D_SMALL, **cfg):

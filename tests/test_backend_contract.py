@@ -62,14 +62,7 @@ PS = (0.0, 0.3)
 
 
 def _availability_marks(backend: str):
-    device, _ = BACKENDS[backend]
-    if backend == "cuda":
-        return [pytest.mark.gpu]
-    try:
-        backends.get_backend(backend, device)
-    except backends.BackendNotAvailableError as exc:
-        return [pytest.mark.skip(reason=str(exc))]
-    return []
+    return contract.availability_marks(backend, BACKENDS[backend][0])
 
 
 def _full_matrix(backend: str) -> bool:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contract import seed_tensor
-from oracle import TOL, assert_close, make_projection, mixed_oracle, random_theta, tolerance_dtype
-from unilora_kernels import backends, ops
+from contract import availability_marks, seed_tensor
+from oracle import assert_close, make_projection, mixed_oracle, random_theta, tolerance_dtype
+from unilora_kernels import ops
 
 HAS_CUDA = torch.cuda.is_available()
 ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -31,14 +31,7 @@ D = 53
 
 
 def _marks(backend):
-    device, _ = BACKENDS[backend]
-    if backend == "cuda":
-        return [pytest.mark.gpu]
-    try:
-        backends.get_backend(backend, device)
-    except backends.BackendNotAvailableError as exc:
-        return [pytest.mark.skip(reason=str(exc))]
-    return []
+    return availability_marks(backend, BACKENDS[backend][0])
 
 
 def _cases():

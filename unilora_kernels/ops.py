@@ -159,14 +159,19 @@ def _(x, weight, bias, weight_t, *update):
     return out, x.new_empty((_h_rows(u.backend, x.device.type, rows(x)), u.r), dtype=h_dtype(x, u.theta_d))
 
 
-def _add_update_inplace_body(out: Tensor, x: Tensor, *update) -> None:
-    u = UpdateArgs(*update)
+def _write_in_place(out: Tensor, write) -> None:
+    """``write(t)`` updates a contiguous t in place; a strided ``out`` goes through a contiguous copy."""
     if out.is_contiguous():
-        _forward_into(out, x, u)
+        write(out)
         return
     tmp = out.contiguous()
-    _forward_into(tmp, x, u)
+    write(tmp)
     out.copy_(tmp)
+
+
+def _add_update_inplace_body(out: Tensor, x: Tensor, *update) -> None:
+    u = UpdateArgs(*update)
+    _write_in_place(out, lambda t: _forward_into(t, x, u))
 
 
 _add_update_inplace_op = torch.library.custom_op(
@@ -483,12 +488,7 @@ def _(base_out, x, table, seq_adapter, *update):
 
 def mixed_add_update_inplace_body(out: Tensor, x: Tensor, table: Tensor, seq_adapter: Tensor, *update) -> None:
     u = UpdateArgs(*update)
-    if out.is_contiguous():
-        _mixed_into(out, x, table, seq_adapter, u)
-        return
-    tmp = out.contiguous()
-    _mixed_into(tmp, x, table, seq_adapter, u)
-    out.copy_(tmp)
+    _write_in_place(out, lambda t: _mixed_into(t, x, table, seq_adapter, u))
 
 
 _mixed_inplace_op = torch.library.custom_op(
