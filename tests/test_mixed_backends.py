@@ -31,7 +31,9 @@ D = 53
 
 
 def _marks(backend):
-    return availability_marks(backend, BACKENDS[backend][0])
+    """Availability, and ``gpu`` for every case on CUDA tensors (scripts/gpu_check.sh runs ``-m gpu``)."""
+    marks = availability_marks(backend, BACKENDS[backend][0])
+    return marks + [pytest.mark.gpu] if BACKENDS[backend][0] == "cuda" and backend != "cuda" else marks
 
 
 def _cases():
