@@ -14,9 +14,10 @@ spills; shared memory is Triton's own figure (it is dynamic, ptxas does not see 
 Scenarios cover every dtype (fp16, bf16, fp32) and the constexpr variants: ``heavy`` (r = 64,
 hashed projection, dropout, grad_x accumulated: the register-hungriest code), ``light``
 (r = 16, uniform, no dropout, fresh grad_x) and ``det`` (deterministic mode: fixed configs,
-partial buffers, the CSR reduction). Exit status 1 on any compile or ptxas failure, or on any
-spill in a default config (the one the interpreter and deterministic mode use, and the
-autotuner's fallback).
+partial buffers, the CSR reduction); each also records the mixed-batch kernels (many adapters
+per batch: decode and prefill shapes, forward and backward). Exit status 1 on any compile or
+ptxas failure, or on any spill in a default config (the one the interpreter and deterministic
+mode use, and the autotuner's fallback).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import NamedTuple
 DTYPES = ("float16", "bfloat16", "float32")
 SIZE = 4096  # in = out: real layer sizes, so the 16-divisibility specialisations are the real ones
 M_DECODE, M_PREFILL = 1, 1024
+M_MIXED_DECODE = 8  # a decode batch of eight sequences, one adapter each
 
 
 class Job(NamedTuple):
@@ -100,13 +102,14 @@ def record() -> list:
     d = 65536
     theta = torch.zeros(d)
     launches = []
-    env_keys = ("UNILORA_TRITON_SCHEDULE", "UNILORA_DETERMINISTIC")
+    env_keys = ("UNILORA_TRITON_SCHEDULE", "UNILORA_DETERMINISTIC", "UNILORA_TRITON_MIXED_SCHEDULE")
     saved = {k: os.environ.get(k) for k in env_keys}
     try:
         with triton_launch.autotune(True):
             for name, r, kind, p, det in _scenarios():
                 proj = _projection(r, kind, d)
                 os.environ["UNILORA_DETERMINISTIC"] = "1" if det else "0"
+                os.environ["UNILORA_TRITON_MIXED_SCHEDULE"] = "auto"
                 for dtype_name in DTYPES:
                     dtype = getattr(torch, dtype_name)
                     seed = 0x1234_5678_9ABC if p > 0 else None
@@ -121,6 +124,7 @@ def record() -> list:
                         tb.backward(g, x, theta, proj, p, seed, h, grad_x, True, True)
                         if dtype_name == "float32":
                             tb.lora_matrices(theta, proj)
+                        _record_mixed(tb, name, theta, proj, p, seed, dtype)
                     launches += [(ln.launcher, name, dtype_name, ln.args, ln.meta, ln.configs) for ln in rec]
     finally:
         for k, v in saved.items():
@@ -129,6 +133,19 @@ def record() -> list:
             else:
                 os.environ[k] = v
     return launches
+
+
+def _record_mixed(tb, scenario: str, theta, proj, p: float, seed, dtype) -> None:
+    """The mixed-batch launches: decode (one row per sequence: the per-row schedule) and prefill
+    (long sequences: the segmented schedule), forward and backward; the det scenario reads a bf16 table."""
+    import torch
+
+    table = torch.zeros((3, theta.shape[0]), dtype=torch.bfloat16 if scenario == "det" else torch.float32)
+    for M, S in ((M_MIXED_DECODE, M_MIXED_DECODE), (M_PREFILL, 4)):
+        seq = torch.arange(S, dtype=torch.int32) % 5 - 1  # -1 (base), 0 (theta) and table rows
+        x = torch.empty((M, SIZE), dtype=dtype)
+        tb.mixed_forward_(torch.empty((M, SIZE), dtype=dtype), x, theta, table, seq, proj, p, seed)
+        tb.mixed_backward(torch.empty((M, SIZE), dtype=dtype), x, theta, table, seq, proj, p, seed, True, True)
 
 
 def _specialise(fn, args: dict, meta: dict, cfg):

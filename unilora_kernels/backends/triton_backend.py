@@ -36,7 +36,7 @@ from .policy import ACTIVATION_DTYPES, DECODE_MAX_M, DECODE_MAX_R, deterministic
 from .triton_launch import IMPORT_ERROR, INTERPRET, Launcher, autotune_on, large_tiles, recording, single_config
 
 if IMPORT_ERROR is None:
-    from ..triton_kernels import index_math, lora_bwd, lora_fwd
+    from ..triton_kernels import index_math, lora_bwd, lora_fwd, mixed
 
 # fp32 accumulation throughout: float64 activations go to backend="reference".
 SUPPORTED_DTYPES = tuple(t for t in ACTIVATION_DTYPES if t != torch.float64)
@@ -162,7 +162,16 @@ if IMPORT_ERROR is None:
                       restore_value=["gt_ptr"], interpret_blocks=dict(BLOCK_M=128, BLOCK_N=1024))
     CSR_REDUCE = Launcher(lora_bwd.csr_reduce_kernel, single_config(BLOCK=lora_bwd.CSR_BLOCK))
     GATHER = Launcher(index_math.gather_kernel, single_config(BLOCK=GATHER_BLOCK))
-    LAUNCHERS = (FUSED, SHRINK, EXPAND, BWD_X, BWD_DB, CSR_REDUCE, GATHER)
+    _KEY_MIXED = ["M_BUCKET", "R", "HASHED", "DROPOUT", "LOWP", "ROWS"]
+    MIXED_SHRINK = Launcher(mixed.mixed_shrink_kernel, mixed.MIXED_SHRINK_CONFIGS, key=_KEY_MIXED + ["K"],
+                            reset_to_zero=["y_ptr"])
+    MIXED_EXPAND = Launcher(mixed.mixed_expand_kernel, mixed.MIXED_EXPAND_CONFIGS, key=_KEY_MIXED + ["N", "ACCUM"],
+                            restore_value=["out_ptr"])
+    MIXED_DW = Launcher(mixed.mixed_dw_kernel, mixed.MIXED_DW_CONFIGS, key=_KEY_MIXED + ["C"],
+                        restore_value=["gt_ptr", "gtab_ptr"])
+    MIXED_CSR_REDUCE = Launcher(mixed.mixed_csr_reduce_kernel, single_config(BLOCK=lora_bwd.CSR_BLOCK))
+    LAUNCHERS = (FUSED, SHRINK, EXPAND, BWD_X, BWD_DB, CSR_REDUCE, GATHER, MIXED_SHRINK, MIXED_EXPAND, MIXED_DW,
+                 MIXED_CSR_REDUCE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,14 +185,15 @@ def _check_dtype(t: torch.Tensor, what: str) -> None:
         raise TypeError(f"the triton backend takes float16/bfloat16/float32 {what}, got {t.dtype}")
 
 
-def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection) -> None:
+def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, theta_dtypes=(torch.float32,)) -> None:
     if IMPORT_ERROR:
         raise RuntimeError(IMPORT_ERROR)
     _check_dtype(x2d, "activations")
-    if theta.dtype != torch.float32 or theta.dim() != 1:
+    if theta.dtype not in theta_dtypes or theta.dim() != 1:
         if theta.dtype == torch.float64:
             _check_dtype(theta, "theta_d")
-        raise TypeError(f"theta_d must be a 1-D float32 tensor, got {theta.dtype} {tuple(theta.shape)}")
+        names = "/".join(str(t).replace("torch.", "") for t in theta_dtypes)
+        raise TypeError(f"theta_d must be a 1-D {names} tensor, got {theta.dtype} {tuple(theta.shape)}")
     if theta.stride(0) != 1:
         raise ValueError("theta_d must be contiguous")
     if x2d.dim() != 2 or x2d.shape[1] != proj.in_features:
@@ -465,3 +475,227 @@ def csr_of(theta: torch.Tensor, proj: LayerProjection) -> triton_csr.CSR:
 
 def clear_caches() -> None:
     triton_csr.clear_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# mixed batches: one adapter per sequence (backends/__init__.py, "Mixed batches"; triton_kernels/mixed.py)
+# --------------------------------------------------------------------------------------------
+# theta_d and the adapter table are read into fp32 by the kernels, so low-precision storage is fine.
+MIXED_VECTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIXED_SEGMENT_MIN_ROWS = 16  # one tl.dot tile of rows (its minimum M) per sequence
+
+
+def mixed_schedule_for(M: int, S: int) -> str:
+    """``rows`` or ``segments`` for M rows in S sequences (``UNILORA_TRITON_MIXED_SCHEDULE`` forces one).
+
+    The rule reads the shape only: sequences of at least one tl.dot tile of rows (16) run tiles of
+    rows that share an adapter on tensor cores (prefill); shorter ones (decode: one row per
+    sequence) run one row per program, where a 16-row tile would be mostly padding. The threshold
+    is the dot's minimum tile, not a measured crossover (no GPU timings were taken for it).
+    """
+    forced = os.environ.get("UNILORA_TRITON_MIXED_SCHEDULE", "auto").strip().lower() or "auto"
+    if forced not in ("auto", "rows", "segments"):
+        raise ValueError(f"UNILORA_TRITON_MIXED_SCHEDULE={forced!r}: expected auto, rows or segments")
+    if forced != "auto":
+        return forced
+    return "segments" if S and M // S >= MIXED_SEGMENT_MIN_ROWS else "rows"
+
+
+def _check_mixed(x2d, theta, table, seq_adapter, proj: LayerProjection) -> None:
+    _check(x2d, theta, proj, MIXED_VECTOR_DTYPES)
+    d = theta.shape[0]
+    if table.dim() != 2 or table.shape[1] != d:
+        raise ValueError(f"the adapter table must be (capacity, d = {d}), got {tuple(table.shape)}")
+    if table.dtype not in MIXED_VECTOR_DTYPES:
+        if table.dtype == torch.float64:
+            _check_dtype(table, "adapter tables")
+        raise TypeError(f"the adapter table must be float32, bfloat16 or float16, got {table.dtype}")
+    if table.numel() and table.stride(1) != 1:
+        raise ValueError("the adapter table's rows must be unit-stride")
+    if seq_adapter.dtype != torch.int32 or seq_adapter.dim() != 1 or seq_adapter.shape[0] == 0:
+        raise ValueError(f"seq_adapter must be a non-empty 1-D int32 tensor, got {seq_adapter.dtype} "
+                         f"{tuple(seq_adapter.shape)}")
+    M, S = x2d.shape[0], seq_adapter.shape[0]
+    if M % S:
+        raise ValueError(f"{M} rows do not split into {S} sequences of equal length")
+    devices = {t.device for t in (x2d, theta, table, seq_adapter)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    # Ids are checked where that costs no device sync (CPU); on a GPU an id outside [-1, capacity]
+    # reads nothing and leaves its rows as base rows (the kernels mask it: memory stays safe).
+    if seq_adapter.device.type == "cpu" and S:
+        lo, hi = int(seq_adapter.min()), int(seq_adapter.max())
+        if lo < -1 or hi > table.shape[0]:
+            raise ValueError(f"seq_adapter ids must lie in [-1, {table.shape[0]}] (the table's capacity), "
+                             f"got [{lo}, {hi}]")
+
+
+class _Mixed(NamedTuple):
+    """What every launch of one mixed call shares: the call setup, schedule and adapter arguments."""
+
+    c: _CallSetup
+    rows: bool  # the per-row schedule (else segments)
+    S: int
+    L: int  # rows per sequence
+    args: dict  # seq_ptr, table_ptr, stride_tab, L, n_adapters, M_BUCKET
+
+
+def _mixed_setup(x2d, theta, table, seq_adapter, proj, p, seed) -> _Mixed:
+    M, S = x2d.shape[0], seq_adapter.shape[0]
+    c = _setup_call(theta, proj, p, seed, x2d.device)
+    cap = table.shape[0]
+    # With no table rows, theta stands in for the pointer: no id > 0 is live, so it is never read.
+    args = dict(seq_ptr=seq_adapter, table_ptr=table if cap else theta, stride_tab=table.stride(0) if cap else 0,
+                L=M // S, n_adapters=cap, M_BUCKET=_m_bucket(M))
+    return _Mixed(c, mixed_schedule_for(M, S) == "rows", S, M // S, args)
+
+
+def _mixed_tiles(mx: _Mixed, block_m: int) -> int:
+    return mx.S * _cdiv(mx.L, block_m)
+
+
+def _mixed_shrink(x, mx: _Mixed, proj: LayerProjection, idx, w_strides: tuple, base, lowp: bool, drop: dict):
+    """y (M, R) fp32 = drop(x) W_a^T row by row (W = A: h; W = B^T: g B); zeros on base rows."""
+    M, K = x.shape
+    c = mx.c
+    n_sm = _num_sms(x.device)
+
+    def grid(cfg):
+        m_tiles = _mixed_tiles(mx, cfg["BLOCK_M"])
+        return (m_tiles, 1 if c.det else _splits(m_tiles, _cdiv(K, cfg["BLOCK_K"]), n_sm))
+
+    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed"] is not None, ROWS=mx.rows)
+    zero = c.tune or grid(MIXED_SHRINK.pick(meta).all_kwargs())[1] > 1  # split-K adds into y with atomics
+    y = (torch.zeros if zero else torch.empty)((M, proj.r), dtype=torch.float32, device=x.device)
+    MIXED_SHRINK.launch(grid, dict(x_ptr=x, y_ptr=y, idx_ptr=idx, K=K, R=proj.r, stride_xm=_row_stride(x),
+                                   w_stride_r=w_strides[0], w_stride_c=w_strides[1], perm_base=base,
+                                   **mx.args, **c.proj_args, **drop), meta, x.device, c.tune)
+    return y
+
+
+def _mixed_expand(y, out, mx: _Mixed, proj: LayerProjection, idx, w_strides: tuple, base, lowp: bool, drop: dict,
+                  accum: bool) -> None:
+    """out += y W_a on adapter rows (accum), or out = (y W_a) * mask on every row."""
+    M, N = out.shape
+    c = mx.c
+    meta = dict(RP=c.RP, NC=1 if mx.rows else _nc(c.RP, lowp), HASHED=proj.is_hashed, LOWP=lowp,
+                DROPOUT=drop["seed"] is not None, ROWS=mx.rows, ACCUM=accum)
+    MIXED_EXPAND.launch(lambda cfg: (_mixed_tiles(mx, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])),
+                        dict(y_ptr=y, out_ptr=out, idx_ptr=idx, N=N, R=proj.r, stride_om=_row_stride(out),
+                             w_stride_r=w_strides[0], w_stride_c=w_strides[1], perm_base=base,
+                             **mx.args, **c.proj_args, **drop), meta, out.device, c.tune)
+
+
+def _mixed_dw(u, v, gt, gtab, part, mx: _Mixed, proj: LayerProjection, idx, w_strides: tuple, base, part_off: int,
+              lowp: bool, drop: dict) -> None:
+    """grad[a] += s * (u^T v') per sequence (v' = drop(v) when drop is set) with fp32 atomics; in
+    deterministic mode, each adapter's plain dW into its row of ``part`` (at ``part_off``)."""
+    M, C = v.shape
+    c = mx.c
+    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed"] is not None, ROWS=mx.rows,
+                DET=c.det, BY_ID=_by_id(mx))
+    # The row splits per sequence are a kernel argument, so they come from the default config and
+    # every tuning candidate runs them (any split count is correct).
+    cfg = MIXED_DW.pick(meta).all_kwargs()
+    splits = 1 if c.det else _splits(mx.S * _cdiv(C, cfg["BLOCK_C"]), _cdiv(mx.L, cfg["BLOCK_M"]), _num_sms(v.device))
+    args = {k: v2 for k, v2 in mx.args.items() if k not in ("table_ptr", "stride_tab")}
+    pa = {k: v2 for k, v2 in c.proj_args.items() if k != "theta_ptr"}
+    cap = gtab.shape[0]
+    MIXED_DW.launch(lambda kw: (mx.S * splits, _cdiv(C, kw["BLOCK_C"])),
+                    dict(u_ptr=u, v_ptr=v, gt_ptr=gt, gtab_ptr=gtab if cap else gt, part_ptr=part, idx_ptr=idx, C=C,
+                         R=proj.r, S=mx.S, splits=splits, stride_vm=_row_stride(v),
+                         stride_gtab=gtab.stride(0) if cap else 0, w_stride_r=w_strides[0], w_stride_c=w_strides[1],
+                         n_layer=proj.r * (proj.in_features + proj.out_features), part_off=part_off, perm_base=base,
+                         **args, **pa, **drop),
+                    meta, v.device, c.tune)
+
+
+def _by_id(mx: _Mixed) -> bool:
+    """Deterministic partials: one row per adapter id when the table is small, else per sequence."""
+    return mx.args["n_adapters"] + 1 <= mx.S
+
+
+def _mixed_det_reduce(part, gt, gtab, theta, mx: _Mixed, proj: LayerProjection) -> None:
+    """grad[a][j] = s_j * sum of adapter a's partials over the layer positions of j, in a fixed order."""
+    csr = csr_of(theta, proj)
+    cap = gtab.shape[0]
+    MIXED_CSR_REDUCE.launch(
+        lambda cfg: (mx.S, _cdiv(csr.U, cfg["BLOCK"])),
+        dict(part_ptr=part, gt_ptr=gt, gtab_ptr=gtab if cap else gt, seq_ptr=mx.args["seq_ptr"],
+             scale_ptr=proj.scales, rows_ptr=csr.rows, rowptr_ptr=csr.rowptr, cols_ptr=csr.cols, U=csr.U,
+             n_adapters=cap, n_layer=proj.r * (proj.in_features + proj.out_features),
+             stride_gtab=gtab.stride(0) if cap else 0, max_len=csr.max_len, d=theta.shape[0],
+             perm_D=mx.c.proj_args["perm_D"]),
+        dict(HASHED=proj.is_hashed, BY_ID=_by_id(mx)), theta.device, False)
+
+
+def mixed_forward_(out2d, x2d, theta, table, seq_adapter, proj: LayerProjection, p: float, seed) -> None:
+    """out[m] += drop(x)[m] A_a^T B_a^T with a the adapter of row m's sequence; base rows untouched.
+
+    Two launches per call whatever the ids are (a shrink into fp32 h, an expand into out); their
+    grids depend on the shapes only, so the call can be captured in a CUDA graph.
+    """
+    _check_mixed(x2d, theta, table, seq_adapter, proj)
+    M, K = x2d.shape
+    N = proj.out_features
+    _check_inplace(out2d, (M, N), "out")
+    if M == 0:
+        return
+    x2d = _unit_last(x2d)
+    mx = _mixed_setup(x2d, theta, table, seq_adapter, proj, p, seed)
+    c = mx.c
+    lowp = _lowp(x2d.dtype, out2d.dtype)
+    h = _mixed_shrink(x2d, mx, proj, _idx(proj.idx_a, proj), (K, 1), c.base_a, lowp, c.drop)
+    _mixed_expand(h, out2d, mx, proj, _idx(proj.idx_b, proj), (1, proj.r), c.base_b, lowp, _drop_args(0.0, None),
+                  accum=True)
+
+
+def mixed_backward(g2d, x2d, theta, table, seq_adapter, proj: LayerProjection, p: float, seed, need_x: bool,
+                   need_theta: bool):
+    """(grad_x, grad_theta, grad_table) of the update alone; None for what was not asked.
+
+    grad_x (x's dtype) = ((g B_a) A_a) * mask, zero on base rows; dA_a and dB_a of every sequence
+    are scatter-added with fp32 atomics into fp32 buffers (theta's for id 0, the table's row id - 1
+    otherwise), cast to theta's and the table's dtypes at the end. Deterministic mode uses no float
+    atomic: per-adapter partials in sequence order, then a fixed-order sum through the CSR of P^T.
+    """
+    _check_mixed(x2d, theta, table, seq_adapter, proj)
+    M, K = x2d.shape
+    N, R = proj.out_features, proj.r
+    _check_dtype(g2d, "grad_output")
+    if tuple(g2d.shape) != (M, N):
+        raise ValueError(f"grad_output must be ({M}, {N}), got {tuple(g2d.shape)}")
+    dev = x2d.device
+    d = theta.shape[0]
+    grad_x = torch.empty((M, K), dtype=x2d.dtype, device=dev) if need_x else None
+    gt = gtab = None
+    if need_theta:
+        gt = torch.zeros(d, dtype=torch.float32, device=dev)
+        gtab = torch.zeros(tuple(table.shape), dtype=torch.float32, device=dev)
+    if M and (need_x or need_theta):
+        x2d = _unit_last(x2d)
+        g2d = _unit_last(g2d)
+        mx = _mixed_setup(x2d, theta, table, seq_adapter, proj, p, seed)
+        c = mx.c
+        lowp = _lowp(x2d.dtype, g2d.dtype)
+        nodrop = _drop_args(0.0, None)
+        idx_a, idx_b = _idx(proj.idx_a, proj), _idx(proj.idx_b, proj)
+        # gB = g B_a (M, R) fp32: the shrink with W = B^T (positions n * R + i).
+        gb = _mixed_shrink(g2d, mx, proj, idx_b, (1, R), c.base_b, lowp, nodrop)
+        if need_x:
+            _mixed_expand(gb, grad_x, mx, proj, idx_a, (K, 1), c.base_a, lowp, c.drop, accum=False)
+        if need_theta:
+            h = _mixed_shrink(x2d, mx, proj, idx_a, (K, 1), c.base_a, lowp, c.drop)
+            part = None
+            if c.det:  # partial dA | dB per adapter (or per sequence), summed through the CSR afterwards
+                rows = table.shape[0] + 1 if _by_id(mx) else mx.S
+                part = torch.empty((rows, R * (K + N)), dtype=torch.float32, device=dev)
+            _mixed_dw(gb, x2d, gt, gtab, part, mx, proj, idx_a, (K, 1), c.base_a, 0, lowp, c.drop)  # dA = gB^T drop(x)
+            _mixed_dw(h, g2d, gt, gtab, part, mx, proj, idx_b, (1, R), c.base_b, R * K, lowp, nodrop)  # dB = g^T h
+            if c.det:
+                _mixed_det_reduce(part, gt, gtab, theta, mx, proj)
+    grad_theta = grad_table = None
+    if need_theta:
+        grad_theta = gt if theta.dtype == torch.float32 else gt.to(theta.dtype)
+        grad_table = gtab if table.dtype == torch.float32 else gtab.to(table.dtype)
+    return grad_x, grad_theta, grad_table
