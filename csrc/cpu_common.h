@@ -10,6 +10,7 @@
 //   cpu_dropout.cpp     dropout (Philox mask) on row blocks of x
 //   cpu_fold.cpp        W + B A in the weight's layout, in a per-thread buffer
 //   cpu_linear.cpp      the fused base linear + update (linear_cpu, linear_backward_cpu)
+//   cpu_mixed.cpp       mixed batches: one adapter per sequence (mixed_forward_cpu, mixed_backward_cpu)
 #pragma once
 
 #include <ATen/ATen.h>

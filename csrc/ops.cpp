@@ -257,6 +257,68 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_op(const at::Tensor& g, const
   return impl(g, x, w, weight_t, theta, pj, make_dropout(p, seed), h, need_x, need_theta, deterministic);
 }
 
+// ---- mixed batches: one adapter per sequence (seq_adapter), theta or a row of the table ----
+void check_mixed(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table, const at::Tensor& seq_adapter) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == theta.size(0), "unilora: table must be (capacity, d = ",
+              theta.size(0), "), got ", table.sizes());
+  TORCH_CHECK(is_float(table.scalar_type()), "unilora: table must be float16/bfloat16/float32/float64, got ",
+              table.scalar_type());
+  TORCH_CHECK(table.is_contiguous(), "unilora: table must be contiguous");
+  check_same_device(table, "table", theta);
+  TORCH_CHECK(seq_adapter.dim() == 1 && seq_adapter.scalar_type() == at::kInt,
+              "unilora: seq_adapter must be a 1-D int32 tensor, got ", seq_adapter.scalar_type(), " of shape ",
+              seq_adapter.sizes());
+  check_same_device(seq_adapter, "seq_adapter", theta);
+  const int64_t M = x.size(0), S = seq_adapter.size(0);
+  TORCH_CHECK(S > 0 ? M % S == 0 : M == 0, "unilora: x has ", M, " rows, not a multiple of the ", S,
+              " sequences of seq_adapter");
+}
+
+using MixedForwardFn = void (*)(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const Projection&, const Dropout&);
+
+template <MixedForwardFn impl>
+void mixed_forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
+                      const at::Tensor& seq_adapter, const at::Tensor& scales, const at::Tensor& idx_a,
+                      const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p, int64_t seed) {
+  check_dropout(p);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hash_params);
+  check_forward(out, x, theta, pj);
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "unilora: out must have x's dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  check_mixed(x, theta, table, seq_adapter);
+  if (x.size(0) == 0) return;
+  impl(out, x, theta, table, seq_adapter, pj, make_dropout(p, seed));
+}
+
+using MixedBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Projection&,
+    const Dropout&, bool, bool, bool);
+
+template <MixedBackwardFn impl>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_op(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
+    const at::Tensor& seq_adapter, const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b,
+    int64_t r, at::IntArrayRef hash_params, double p, int64_t seed, bool need_x, bool need_theta, bool deterministic) {
+  check_dropout(p);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hash_params);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == pj.in_f, "unilora: x must be 2-D (M, ", pj.in_f, "), got ", x.sizes());
+  TORCH_CHECK(is_float(x.scalar_type()), "unilora: x must be float16/bfloat16/float32/float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == pj.out_f, "unilora: grad_out must be (",
+              x.size(0), ", ", pj.out_f, "), got ", g.sizes());
+  TORCH_CHECK(is_float(g.scalar_type()), "unilora: grad_out must be a float tensor, got ", g.scalar_type());
+  check_same_device(x, "x", theta);
+  check_same_device(g, "grad_out", theta);
+  check_mixed(x, theta, table, seq_adapter);
+  if (x.size(0) == 0) {
+    return {need_x ? at::zeros_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options()),
+            need_theta ? at::zeros_like(theta) : at::empty({0}, theta.options()),
+            need_theta ? at::zeros_like(table) : at::empty({0}, table.options())};
+  }
+  return impl(g, x, theta, table, seq_adapter, pj, make_dropout(p, seed), need_x, need_theta, deterministic);
+}
+
 // ---- bit-exactness test ops: the header's functions over a tensor of int64 arguments ----
 HashedProjection test_hashed_projection(const at::Tensor& positions, int64_t D, int64_t d, int64_t key) {
   TORCH_CHECK(positions.scalar_type() == at::kLong, "unilora: positions must be int64");
@@ -341,6 +403,17 @@ TORCH_LIBRARY(unilora_C, m) {
   m.def(
       "linear_autograd(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, "
       "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed, bool deterministic) -> Tensor");
+  // Mixed batches: row m runs the adapter of its sequence seq_adapter[m / (M / S)] (int32 (S,), on x's
+  // device): -1 none, 0 theta, k > 0 row k - 1 of table (capacity, d). out (x's dtype) += drop(x) A_a^T B_a^T.
+  m.def(
+      "mixed_forward_(Tensor(a!) out, Tensor x, Tensor theta, Tensor table, Tensor seq_adapter, Tensor scales, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed) -> ()");
+  // Its backward, the update alone: (grad_x in x's dtype, zero on base rows; grad_theta (d,); grad_table
+  // (capacity, d)), each in its tensor's dtype; an output that was not asked for is empty.
+  m.def(
+      "mixed_backward(Tensor grad_out, Tensor x, Tensor theta, Tensor table, Tensor seq_adapter, Tensor scales, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed, bool need_x, bool need_theta, "
+      "bool deterministic) -> (Tensor, Tensor, Tensor)");
   // Test ops: the header's index and dropout functions, element-wise over int64 tensors.
   m.def("_hashed_index(Tensor positions, int D, int d, int key) -> Tensor");
   m.def("_philox_randint(Tensor offsets, int seed) -> Tensor");
@@ -353,6 +426,8 @@ TORCH_LIBRARY_IMPL(unilora_C, CPU, m) {
   m.impl("scatter_grad", &unilora::scatter_op<&unilora::scatter_cpu>);
   m.impl("linear", &unilora::linear_op<&unilora::linear_cpu>);
   m.impl("linear_backward", &unilora::linear_backward_op<&unilora::linear_backward_cpu>);
+  m.impl("mixed_forward_", &unilora::mixed_forward_op<&unilora::mixed_forward_cpu>);
+  m.impl("mixed_backward", &unilora::mixed_backward_op<&unilora::mixed_backward_cpu>);
   m.impl("_hashed_index", &unilora::hashed_index_op_cpu);
   m.impl("_philox_randint", &unilora::philox_op_cpu);
 }
@@ -370,6 +445,8 @@ TORCH_LIBRARY_IMPL(unilora_C, CUDA, m) {
   m.impl("scatter_grad", &unilora::scatter_op<&unilora::scatter_cuda>);
   m.impl("linear", &unilora::linear_op<&unilora::linear_cuda>);
   m.impl("linear_backward", &unilora::linear_backward_op<&unilora::linear_backward_cuda>);
+  m.impl("mixed_forward_", &unilora::mixed_forward_op<&unilora::mixed_forward_cuda>);
+  m.impl("mixed_backward", &unilora::mixed_backward_op<&unilora::mixed_backward_cuda>);
   m.impl("_hashed_index", &unilora::hashed_index_op_cuda);
   m.impl("_philox_randint", &unilora::philox_op_cuda);
 }

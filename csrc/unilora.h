@@ -61,6 +61,18 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, cons
                                                        const Dropout& dr, const at::Tensor& h, bool need_x,
                                                        bool need_theta, bool deterministic);
 
+// Mixed batches: row m reads the adapter of its sequence, seq_adapter[m / (M / S)] (int32 (S,)):
+// -1 none, 0 theta, k > 0 row k - 1 of table (capacity, d). out (x's dtype) += drop(x) A_a^T B_a^T;
+// the backward returns (grad_x or empty, grad_theta or empty, grad_table or empty).
+void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
+                       const at::Tensor& seq_adapter, const Projection& pj, const Dropout& dr);
+// (deterministic is ignored: every adapter's scatter is serial, hence always deterministic.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tensor& g, const at::Tensor& x,
+                                                                  const at::Tensor& theta, const at::Tensor& table,
+                                                                  const at::Tensor& seq_adapter, const Projection& pj,
+                                                                  const Dropout& dr, bool need_x, bool need_theta,
+                                                                  bool deterministic);
+
 // ---- autograd.cpp: unilora_C::linear_autograd, the output of `linear` with autograd in C++ ----
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
@@ -90,6 +102,15 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cuda(const at::Tensor& g, con
                                                         const at::Tensor& w, bool weight_t, const at::Tensor& theta,
                                                         const Projection& pj, const Dropout& dr, const at::Tensor& h,
                                                         bool need_x, bool need_theta, bool deterministic);
+// Mixed batches (cuda_mixed.cu): a block per row; the backward adds with fp32 atomics and
+// refuses deterministic mode when asked for theta gradients.
+void mixed_forward_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
+                        const at::Tensor& seq_adapter, const Projection& pj, const Dropout& dr);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cuda(const at::Tensor& g, const at::Tensor& x,
+                                                                   const at::Tensor& theta, const at::Tensor& table,
+                                                                   const at::Tensor& seq_adapter, const Projection& pj,
+                                                                   const Dropout& dr, bool need_x, bool need_theta,
+                                                                   bool deterministic);
 at::Tensor hashed_index_cuda(const at::Tensor& positions, const HashedProjection& hash);
 at::Tensor philox_randint_cuda(const at::Tensor& offsets, uint64_t seed);
 #endif

@@ -125,6 +125,18 @@ if _C is not None:
         gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
         return gx, gt
 
+    @torch.library.register_fake("unilora_C::mixed_forward_")
+    def _mixed_forward_fake(out, x, theta, table, seq_adapter, scales, idx_a, idx_b, r, hash_params, p, seed):
+        return None
+
+    @torch.library.register_fake("unilora_C::mixed_backward")
+    def _mixed_backward_fake(g, x, theta, table, seq_adapter, scales, idx_a, idx_b, r, hash_params, p, seed, need_x,
+                             need_theta, deterministic):
+        gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
+        gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
+        gtab = table.new_empty(table.shape) if need_theta else table.new_empty(0)
+        return gx, gt, gtab
+
     @torch.library.register_fake("unilora_C::_hashed_index")
     def _hashed_index_fake(positions, D, d, key):
         return positions.new_empty(positions.shape)
@@ -255,3 +267,29 @@ def lora_matrices(theta: torch.Tensor, proj: LayerProjection, dtype=None):
     if dtype is not None and dtype != A.dtype:
         A, B = A.to(dtype), B.to(dtype)
     return A, B
+
+
+# --------------------------------------------------------------------------------------------
+# mixed batches (backends/__init__.py, "Mixed batches"): one C++ call per layer and direction
+# --------------------------------------------------------------------------------------------
+def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed) -> None:
+    """``out[m] += drop(x)[m] A_a^T B_a^T`` in place, ``a`` the adapter of row m's sequence
+    (``seq_adapter``: -1 none, 0 theta, k > 0 ``table[k - 1]``); out has x's dtype."""
+    _check(x, theta, proj, out, "out")
+    torch.ops.unilora_C.mixed_forward_(
+        out, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
+        float(p), _seed(p, seed),
+    )
+
+
+def mixed_backward(g, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed, need_x: bool,
+                   need_theta: bool):
+    """(grad_x, grad_theta, grad_table) of the update alone, each in its tensor's dtype; None for
+    what was not asked. CPU: deterministic. CUDA: fp32 atomics; deterministic mode
+    (``policy.deterministic()``) with ``need_theta`` is refused with an error."""
+    _check(x, theta, proj, g, "grad_out")
+    gx, gt, gtab = torch.ops.unilora_C.mixed_backward(
+        g, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
+        float(p), _seed(p, seed), bool(need_x), bool(need_theta), deterministic(),
+    )
+    return (gx if need_x else None), (gt if need_theta else None), (gtab if need_theta else None)

@@ -1,0 +1,423 @@
+// Mixed batches on CPU: every sequence of rows reads its own adapter (theta_d, a row of the
+// adapter table, or none), one call per layer and direction (mixed_forward_cpu,
+// mixed_backward_cpu).
+//
+// Rows of one sequence are contiguous, so the batch is a list of segments (runs of sequences
+// with one adapter). The layer's element map (theta_d index J and scale S of every element of
+// [A | B]) is computed once per call and shared by all adapters: only the theta reads differ
+// between them. A single row (decode) runs straight from the map (no A or B buffers: the gather
+// would cost as much as the row's product); longer runs gather A and B once into thread-local
+// buffers and run the SIMD loops (fp32) or BLAS on row blocks, as the single-adapter paths do.
+// The backward groups segments by adapter: each adapter's dA and dB are accumulated by its own
+// work units and scattered into that adapter's gradient only, in a fixed order (deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
+
+#include <atomic>
+#include <vector>
+
+#include "cpu_common.h"
+#include "cpu_simd.h"
+
+namespace unilora {
+namespace cpu {
+namespace {
+
+// Rows [m0, m1) that read adapter `id` (0 = theta_d, k > 0 = table row k - 1).
+struct Piece {
+  int64_t id, m0, m1;
+};
+
+// The batch as pieces of at most `piece_rows` rows, in row order, base rows (-1) left out.
+// Sequences are read from seq_adapter (int32, CPU) and checked against the table's capacity.
+std::vector<Piece> pieces_of(const at::Tensor& seq_adapter, int64_t M, int64_t capacity, int64_t piece_rows) {
+  const at::Tensor ids = seq_adapter.contiguous();
+  const int32_t* a = ids.data_ptr<int32_t>();
+  const int64_t S = ids.numel(), T = M / S;
+  std::vector<Piece> out;
+  for (int64_t s = 0; s < S;) {
+    const int64_t id = a[s];
+    TORCH_CHECK(id >= -1 && id <= capacity, "unilora: seq_adapter[", s, "] = ", id,
+                " must be -1 (base), 0 (theta_d) or 1..", capacity, " (a row of the adapter table)");
+    int64_t e = s + 1;
+    while (e < S && a[e] == id) ++e;  // consecutive sequences of one adapter share a gather
+    if (id >= 0) {
+      for (int64_t m = s * T; m < e * T; m += piece_rows) out.push_back({id, m, std::min(e * T, m + piece_rows)});
+    }
+    s = e;
+  }
+  return out;
+}
+
+// Rows per piece: a sequence, split further when there are fewer sequences than threads.
+int64_t piece_rows_for(int64_t M, int64_t S) {
+  const int64_t T = M / S, threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, std::min(T, (M + threads - 1) / threads));
+}
+
+// theta_d index and scale of every element of the layer's flattened [A | B].
+struct ElementMap {
+  at::Tensor jbuf, sbuf;
+  const int32_t* J = nullptr;
+  const float* S = nullptr;
+};
+
+ElementMap element_map(const Projection& pj) {
+  const int64_t n = pj.numel(), na = pj.numel_a(), d = pj.d;
+  ElementMap em;
+  const auto opts = pj.scales.options();
+  em.jbuf = at::empty({n}, opts.dtype(at::kInt));
+  em.sbuf = at::empty({n}, opts.dtype(at::kFloat));
+  int32_t* J = em.jbuf.data_ptr<int32_t>();
+  float* S = em.sbuf.data_ptr<float>();
+  const float* sc = pj.scales.data_ptr<float>();
+  const int32_t* ia = pj.is_hashed ? nullptr : pj.idx_a.data_ptr<int32_t>();
+  const int32_t* ib = pj.is_hashed ? nullptr : pj.idx_b.data_ptr<int32_t>();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n, pj.is_hashed ? kGrain / 8 : kGrain, [&](int64_t b, int64_t e) {
+    bool oob = false;
+    for (int64_t i = b; i < e; ++i) {
+      if (pj.is_hashed) {
+        const int64_t j = hashed_index(pj.offset + i, pj.hash);
+        J[i] = static_cast<int32_t>(j);
+        S[i] = hashed_scale(j, pj.hash, sc[0], sc[1]);
+      } else {
+        const int64_t j = i < na ? ia[i] : ib[i - na];
+        const bool out = static_cast<uint64_t>(j) >= static_cast<uint64_t>(d);
+        oob |= out;
+        J[i] = out ? 0 : static_cast<int32_t>(j);  // never read outside theta; reported below
+        S[i] = out ? 0.f : sc[j];
+      }
+    }
+    if (oob) bad = true;
+  });
+  check_index_range(bad, d);
+  em.J = J;
+  em.S = S;
+  return em;
+}
+
+// Where adapter `id` lives: theta_d (id 0) or row id - 1 of the table, with its dtype.
+struct Source {
+  const void* ptr;
+  at::ScalarType type;
+};
+
+Source source_of(int64_t id, const at::Tensor& theta, const at::Tensor& table) {
+  if (id == 0) return {theta.data_ptr(), theta.scalar_type()};
+  return {static_cast<const char*>(table.data_ptr()) + (id - 1) * table.size(1) * table.element_size(),
+          table.scalar_type()};
+}
+
+// f(const th_t* theta_of_the_adapter) with th_t the source's C++ type.
+template <typename F>
+void with_source(const Source& src, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.type, "unilora_mixed_source", [&] {
+    f(static_cast<const scalar_t*>(src.ptr));
+  });
+}
+
+// A (r x in) and B (out x r) of one adapter, or A and B^T (r x out) when `bt`.
+template <typename th_t, typename acc_t>
+void gather_adapter(const th_t* th, const ElementMap& em, const Projection& pj, acc_t* A, acc_t* B, bool bt) {
+  const int64_t na = pj.numel_a(), n = pj.numel(), r = pj.r, out_f = pj.out_f;
+  for (int64_t i = 0; i < na; ++i) A[i] = acc_t(th[em.J[i]]) * acc_t(em.S[i]);
+  for (int64_t i = na; i < n; ++i) {
+    const int64_t e = i - na;
+    B[bt ? (e % r) * out_f + e / r : e] = acc_t(th[em.J[i]]) * acc_t(em.S[i]);
+  }
+}
+
+// One row of x in compute precision with dropout applied (row m of the flattened input).
+template <typename x_t, typename acc_t>
+void dropped_row(const x_t* x, int64_t m, int64_t in_f, const Dropout& dr, acc_t* dst) {
+  if (!dr.active) {
+    for (int64_t c = 0; c < in_f; ++c) dst[c] = acc_t(x[c]);
+    return;
+  }
+  const acc_t s = acc_t(dr.scale);
+  const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(in_f);
+  for (int64_t c = 0; c < in_f; ++c) dst[c] = dropout_keep(dr.seed, base + c, dr.threshold) ? acc_t(x[c]) * s : acc_t(0);
+}
+
+// upd = (xd A^T) B^T for one row, A and B read through the element map (no buffers).
+template <typename th_t, typename acc_t>
+void row_update(const acc_t* xd, const th_t* th, const ElementMap& em, const Projection& pj, acc_t* h, acc_t* upd) {
+  const int64_t r = pj.r, in_f = pj.in_f, out_f = pj.out_f, na = pj.numel_a();
+  for (int64_t k = 0; k < r; ++k) {
+    const int32_t* J = em.J + k * in_f;
+    const float* S = em.S + k * in_f;
+    acc_t acc[4] = {0, 0, 0, 0};  // independent partial sums: one add chain would cost its latency
+    int64_t c = 0;
+    for (; c + 4 <= in_f; c += 4) {
+      for (int u = 0; u < 4; ++u) acc[u] += xd[c + u] * (acc_t(th[J[c + u]]) * acc_t(S[c + u]));
+    }
+    for (; c < in_f; ++c) acc[0] += xd[c] * (acc_t(th[J[c]]) * acc_t(S[c]));
+    h[k] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+  const int32_t* J = em.J + na;
+  const float* S = em.S + na;
+  for (int64_t o = 0; o < out_f; ++o) {
+    acc_t acc = 0;
+    for (int64_t k = 0; k < r; ++k) acc += h[k] * (acc_t(th[J[o * r + k]]) * acc_t(S[o * r + k]));
+    upd[o] = acc;
+  }
+}
+
+// The forward of one thread's pieces [p0, p1), x_t / out_t the activation types, acc_t the
+// compute type.
+template <typename x_t, typename out_t, typename acc_t>
+void forward_pieces(const std::vector<Piece>& pieces, int64_t p0, int64_t p1, const at::Tensor& x, at::Tensor& out,
+                    const at::Tensor& theta, const at::Tensor& table, const ElementMap& em, const Projection& pj,
+                    const Dropout& dr) {
+  const int64_t r = pj.r, in_f = pj.in_f, out_f = pj.out_f;
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const x_t* xp = x.data_ptr<x_t>();
+  const int64_t ldx = x.stride(0);
+  out_t* op = out.data_ptr<out_t>();
+  // fp32 end to end: the SIMD loops of the single-adapter path (h = x A^T, out += h B^T).
+  const bool simd_path = std::is_same<x_t, float>::value && std::is_same<out_t, float>::value &&
+                         std::is_same<acc_t, float>::value && x.stride(1) == 1 && simd::available();
+  std::vector<acc_t> row(static_cast<size_t>(in_f + r + out_f));
+  at::Tensor A, B, hbuf, xbuf, tbuf;
+  int64_t gathered = -1;  // adapter whose A and B the buffers hold
+  for (int64_t p = p0; p < p1;) {
+    // The run of this thread's pieces with one adapter.
+    int64_t q = p + 1;
+    while (q < p1 && pieces[q].id == pieces[p].id && pieces[q].m0 == pieces[q - 1].m1) ++q;
+    const int64_t id = pieces[p].id, m_begin = pieces[p].m0, m_end = pieces[q - 1].m1;
+    const Source src = source_of(id, theta, table);
+    if (m_end - m_begin == 1) {  // decode: straight from the element map
+      acc_t* xd = row.data();
+      acc_t* h = xd + in_f;
+      acc_t* upd = h + r;
+      dropped_row(xp + m_begin * ldx, m_begin, in_f, dr, xd);
+      with_source(src, [&](auto th) { row_update(xd, th, em, pj, h, upd); });
+      out_t* orow = op + m_begin * out_f;
+      for (int64_t o = 0; o < out_f; ++o) orow[o] = static_cast<out_t>(acc_t(orow[o]) + upd[o]);
+      p = q;
+      continue;
+    }
+    if (!A.defined()) {
+      A = at::empty({r, in_f}, opts);
+      B = at::empty({simd_path ? r : out_f, simd_path ? out_f : r}, opts);
+    }
+    if (gathered != id) {
+      with_source(src, [&](auto th) { gather_adapter(th, em, pj, A.data_ptr<acc_t>(), B.data_ptr<acc_t>(), simd_path); });
+      gathered = id;
+    }
+    const int64_t mb = simd_path ? kSimdRows : block_rows(std::max(in_f, out_f), sizeof(acc_t));
+    const int64_t need_rows = std::min(mb, m_end - m_begin);
+    if (!xbuf.defined() || xbuf.size(0) < need_rows) {
+      xbuf = at::empty({need_rows, in_f}, opts);  // casts and dropout only
+      hbuf = at::empty({need_rows, r}, opts);
+    }
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += mb) {
+      const int64_t rows = std::min(mb, m_end - m0);
+      const at::Tensor xb = input_block(x, m0, rows, xbuf, dr, nullptr);
+      if (simd_path) {
+        simd::AdapterForward a;
+        a.x = xb.data_ptr<float>();
+        a.ldx = xb.stride(0);
+        a.A = A.data_ptr<float>();
+        a.BT = B.data_ptr<float>();
+        a.r = r;
+        a.in_f = in_f;
+        a.out_f = out_f;
+        a.out = out.data_ptr<float>() + m0 * out_f;
+        a.ldo = out_f;
+        a.h = hbuf.data_ptr<float>();
+        simd::adapter_forward(a, 0, rows);
+        continue;
+      }
+      at::Tensor hb = hbuf.narrow(0, 0, rows);
+      at::mm_out(hb, xb, A.t());
+      at::Tensor ob = out.narrow(0, m0, rows);
+      if (out.scalar_type() == hb.scalar_type()) {
+        ob.addmm_(hb, B.t());
+      } else {
+        if (!tbuf.defined() || tbuf.size(0) < rows) tbuf = at::empty({rows, out_f}, opts);
+        at::Tensor tb = tbuf.narrow(0, 0, rows);
+        at::mm_out(tb, hb, B.t());
+        ob.add_(tb);  // one rounding to the low-precision output
+      }
+    }
+    p = q;
+  }
+}
+
+// Per-adapter work of the backward: pieces [p0, p1) of `order` (all of one adapter).
+struct Unit {
+  int64_t id, p0, p1;
+  int64_t slot;  // -1: the unit is its adapter's only one and scatters itself; else its partial slot
+};
+
+// grad[J[i]] += S[i] * v[i] over the layer's [dA | dB] (serial: indices collide).
+template <typename acc_t>
+void scatter_adapter(const acc_t* v, const ElementMap& em, int64_t n, acc_t* grad) {
+  for (int64_t i = 0; i < n; ++i) grad[em.J[i]] += acc_t(em.S[i]) * v[i];
+}
+
+}  // namespace
+}  // namespace cpu
+
+void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
+                       const at::Tensor& seq_adapter, const Projection& pj, const Dropout& dr) {
+  using namespace cpu;
+  RECORD_FUNCTION("unilora_cpu::mixed_forward", std::vector<c10::IValue>());
+  const int64_t M = x.size(0);
+  const std::vector<Piece> pieces = pieces_of(seq_adapter, M, table.size(0), piece_rows_for(M, seq_adapter.numel()));
+  if (pieces.empty()) return;
+  const ElementMap em = element_map(pj);
+  const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), table.scalar_type()});
+  const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t npieces = static_cast<int64_t>(pieces.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unilora_mixed_x", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(cd, "unilora_mixed_forward", [&] {
+      using acc_t = scalar_t;
+      // out has x's dtype (checked by the op).
+      run_chunks(npieces, [&](int64_t, int64_t p0, int64_t p1) {
+        forward_pieces<x_t, x_t, acc_t>(pieces, p0, p1, xs, out, theta, table, em, pj, dr);
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tensor& g, const at::Tensor& x,
+                                                                  const at::Tensor& theta, const at::Tensor& table,
+                                                                  const at::Tensor& seq_adapter, const Projection& pj,
+                                                                  const Dropout& dr, bool need_x, bool need_theta,
+                                                                  bool /*deterministic*/) {
+  using namespace cpu;
+  RECORD_FUNCTION("unilora_cpu::mixed_backward", std::vector<c10::IValue>());
+  const int64_t M = x.size(0), r = pj.r, in_f = pj.in_f, out_f = pj.out_f, n = pj.numel(), d = pj.d;
+  const int64_t capacity = table.size(0);
+  const at::ScalarType cd =
+      compute_dtype({x.scalar_type(), g.scalar_type(), theta.scalar_type(), table.scalar_type()});
+  const auto opts = x.options().dtype(cd);
+  at::Tensor gx = need_x ? at::zeros({M, in_f}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gtheta = need_theta ? at::zeros({d}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor gtable = need_theta ? at::zeros({capacity, d}, table.options()) : at::empty({0}, table.options());
+  if (!need_x && !need_theta) return {gx, gtheta, gtable};
+  std::vector<Piece> pieces = pieces_of(seq_adapter, M, capacity, piece_rows_for(M, seq_adapter.numel()));
+  if (pieces.empty()) return {gx, gtheta, gtable};
+  const ElementMap em = element_map(pj);
+  // Pieces grouped by adapter (stable: row order within an adapter), then split into units:
+  // one per adapter, or several per adapter when there are fewer adapters than threads.
+  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.id < b.id; });
+  std::vector<std::pair<int64_t, int64_t>> groups;  // [first, last) piece of each adapter
+  for (size_t p = 0; p < pieces.size(); ++p) {
+    if (p == 0 || pieces[p].id != pieces[p - 1].id) groups.push_back({int64_t(p), int64_t(p)});
+    groups.back().second = int64_t(p) + 1;
+  }
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t ngroups = static_cast<int64_t>(groups.size());
+  const int64_t split = ngroups >= threads ? 1 : (threads + ngroups - 1) / ngroups;
+  std::vector<Unit> units;
+  int64_t nslots = 0;
+  for (const auto& [f, l] : groups) {
+    const int64_t parts = std::min(split, l - f);
+    for (int64_t u = 0; u < parts; ++u) {
+      units.push_back({pieces[f].id, f + u * (l - f) / parts, f + (u + 1) * (l - f) / parts, parts == 1 ? -1 : nslots++});
+    }
+  }
+  // Gradient rows in the compute dtype: the outputs themselves when their dtype is cd, else
+  // accumulators cast at the end (one d-length row per adapter in use).
+  std::vector<int64_t> used_table_rows;
+  for (const auto& [f, l] : groups) {
+    if (pieces[f].id > 0) used_table_rows.push_back(pieces[f].id - 1);
+  }
+  at::Tensor acc_theta, acc_table;
+  if (need_theta) {
+    acc_theta = gtheta.scalar_type() == cd ? gtheta : at::zeros({d}, opts);
+    acc_table = gtable.scalar_type() == cd ? gtable
+                                           : at::zeros({static_cast<int64_t>(used_table_rows.size()), d}, opts);
+  }
+  std::vector<int64_t> table_slot(static_cast<size_t>(capacity + 1), -1);
+  for (size_t i = 0; i < used_table_rows.size(); ++i) {
+    table_slot[used_table_rows[i]] = gtable.scalar_type() == cd ? used_table_rows[i] : int64_t(i);
+  }
+  at::Tensor slots = need_theta && nslots > 0 ? at::zeros({nslots, n}, opts) : at::Tensor();
+  const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor gs = g.stride(1) == 1 ? g : g.contiguous();
+  const int64_t mb = block_rows(std::max(in_f, out_f), at::elementSize(cd));
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "unilora_mixed_backward", [&] {
+    using acc_t = scalar_t;
+    auto grad_row = [&](int64_t id) -> acc_t* {
+      if (id == 0) return acc_theta.data_ptr<acc_t>();
+      return acc_table.data_ptr<acc_t>() + table_slot[id - 1] * d;
+    };
+    const int64_t nunits = static_cast<int64_t>(units.size());
+    const at::ThreadLocalState state;
+    at::parallel_for(0, nunits, 1, [&](int64_t u0, int64_t u1) {
+      at::ThreadLocalStateGuard guard(state);
+      at::Tensor A = at::empty({r, in_f}, opts), B = at::empty({out_f, r}, opts);
+      at::Tensor dAB = need_theta ? at::empty({n}, opts) : at::Tensor();
+      at::Tensor xbuf = at::empty({mb, in_f}, opts), gbuf = at::empty({mb, out_f}, opts);
+      at::Tensor ubuf = at::empty({mb, r}, opts), hbuf = at::empty({mb, r}, opts);
+      at::Tensor tbuf = need_x ? at::empty({mb, in_f}, opts) : at::Tensor();
+      at::Tensor mask = dr.active && need_x ? at::empty({mb, in_f}, x.options().dtype(at::kByte)) : at::Tensor();
+      for (int64_t ui = u0; ui < u1; ++ui) {
+        const Unit& unit = units[ui];
+        with_source(source_of(unit.id, theta, table),
+                    [&](auto th) { gather_adapter(th, em, pj, A.data_ptr<acc_t>(), B.data_ptr<acc_t>(), false); });
+        at::Tensor dAB_u = !need_theta ? at::Tensor() : unit.slot >= 0 ? slots[unit.slot] : dAB.zero_();
+        at::Tensor dA = need_theta ? dAB_u.narrow(0, 0, r * in_f).view({r, in_f}) : at::Tensor();
+        at::Tensor dB = need_theta ? dAB_u.narrow(0, r * in_f, out_f * r).view({out_f, r}) : at::Tensor();
+        for (int64_t p = unit.p0; p < unit.p1; ++p) {
+          for (int64_t m0 = pieces[p].m0; m0 < pieces[p].m1; m0 += mb) {
+            const int64_t rows = std::min(mb, pieces[p].m1 - m0);
+            uint8_t* mk = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+            const at::Tensor xb = input_block(xs, m0, rows, xbuf, dr, mk);
+            const at::Tensor gb_raw = gs.narrow(0, m0, rows);
+            at::Tensor gb = gb_raw;
+            if (gs.scalar_type() != cd) {
+              gb = gbuf.narrow(0, 0, rows);
+              gb.copy_(gb_raw);
+            }
+            at::Tensor ub = ubuf.narrow(0, 0, rows);
+            at::mm_out(ub, gb, B);  // u = g B (rows x r)
+            if (need_x) {
+              at::Tensor tb = tbuf.narrow(0, 0, rows);
+              at::mm_out(tb, ub, A);  // u A (rows x in)
+              if (dr.active) drop_rows(tb, m0, dr, mk);
+              gx.narrow(0, m0, rows).copy_(tb);
+            }
+            if (need_theta) {
+              at::Tensor hb = hbuf.narrow(0, 0, rows);
+              at::mm_out(hb, xb, A.t());   // h = drop(x) A^T
+              dA.addmm_(ub.t(), xb);       // dA += u^T drop(x)
+              dB.addmm_(gb.t(), hb);       // dB += g^T h
+            }
+          }
+        }
+        if (need_theta && unit.slot < 0) scatter_adapter(dAB_u.data_ptr<acc_t>(), em, n, grad_row(unit.id));
+      }
+    });
+    if (need_theta && nslots > 0) {
+      // Adapters split between units: their partials summed in unit order, then scattered.
+      for (size_t i = 0; i < units.size();) {
+        size_t j = i + 1;
+        while (j < units.size() && units[j].id == units[i].id) ++j;
+        if (units[i].slot >= 0) {
+          at::Tensor total = slots[units[i].slot];
+          for (size_t k = i + 1; k < j; ++k) total.add_(slots[units[k].slot]);
+          scatter_adapter(total.data_ptr<acc_t>(), em, n, grad_row(units[i].id));
+        }
+        i = j;
+      }
+    }
+  });
+  if (need_theta) {
+    if (acc_theta.data_ptr() != gtheta.data_ptr()) gtheta.copy_(acc_theta);
+    if (acc_table.data_ptr() != gtable.data_ptr() && !used_table_rows.empty()) {
+      const at::Tensor rows = at::tensor(used_table_rows, x.options().dtype(at::kLong));
+      gtable.index_copy_(0, rows, acc_table.to(gtable.scalar_type()));
+    }
+  }
+  return {gx, gtheta, gtable};
+}
+
+}  // namespace unilora
