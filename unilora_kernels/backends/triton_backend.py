@@ -13,13 +13,19 @@ straight into the single d-length theta_d gradient. In deterministic mode
 is used: splits store partials into a layer-sized buffer and ``csr_reduce_kernel`` sums them in
 a fixed order through a cached CSR of P^T (``triton_csr``), so repeated runs are bit-identical.
 
-Nothing of length D is allocated, and the only d-length tensor is the returned gradient.
+Mixed batches (one adapter per sequence: ``mixed_forward_`` / ``mixed_backward``, kernels in
+``triton_kernels/mixed.py``) run a fixed launch sequence whose grids depend on the shapes only:
+a per-row schedule for short sequences (decode) and a segmented one, tiles of rows of one
+sequence on ``tl.dot``, for sequences of 16 rows or more (``mixed_schedule_for``).
+
+Nothing of length D is allocated, and the only d-length tensors are the returned gradients.
 Activations may be fp16, bf16 or fp32 (theta_d and every accumulation are fp32); float64 is
 refused with a TypeError (use ``backend="reference"`` for gradcheck). On CPU tensors the
 kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` before import).
 Launching, autotuning and recording launches live in ``triton_launch``.
 
 Environment knobs: ``UNILORA_TRITON_SCHEDULE`` = auto | fused | split (force a forward
+schedule), ``UNILORA_TRITON_MIXED_SCHEDULE`` = auto | rows | segments (force a mixed-batch
 schedule), ``UNILORA_TRITON_AUTOTUNE`` (autotune on CUDA; default on), ``UNILORA_DETERMINISTIC``.
 """
 
