@@ -140,27 +140,66 @@ void dropped_row(const x_t* x, int64_t m, int64_t in_f, const Dropout& dr, acc_t
   for (int64_t c = 0; c < in_f; ++c) dst[c] = dropout_keep(dr.seed, base + c, dr.threshold) ? acc_t(x[c]) * s : acc_t(0);
 }
 
-// upd = (xd A^T) B^T for one row, A and B read through the element map (no buffers).
-template <typename th_t, typename acc_t>
-void row_update(const acc_t* xd, const th_t* th, const ElementMap& em, const Projection& pj, acc_t* h, acc_t* upd) {
-  const int64_t r = pj.r, in_f = pj.in_f, out_f = pj.out_f, na = pj.numel_a();
-  for (int64_t k = 0; k < r; ++k) {
-    const int32_t* J = em.J + k * in_f;
-    const float* S = em.S + k * in_f;
-    acc_t acc[4] = {0, 0, 0, 0};  // independent partial sums: one add chain would cost its latency
-    int64_t c = 0;
-    for (; c + 4 <= in_f; c += 4) {
-      for (int u = 0; u < 4; ++u) acc[u] += xd[c + u] * (acc_t(th[J[c + u]]) * acc_t(S[c + u]));
+// The element map in theta order, for the single-row path: a row reads n elements of its
+// adapter's theta at random, and a decode batch has a different adapter in every row, so these
+// reads would miss cache one by one. Sorted by the cache line of j (a counting sort, once per
+// call), a row streams through its adapter's theta in address order instead, and the random
+// accesses go to x, h and the output row, which stay in L1.
+struct SortedEntry {
+  int32_t j;    // theta_d index
+  float s;      // its scale
+  int32_t src;  // A: column c of x; B: rank k of h
+  int32_t dst;  // A: rank k of h;   B: output feature o
+};
+
+struct SortedMap {
+  std::vector<SortedEntry> a, b;  // A's elements, then B's, each in theta order
+};
+
+constexpr int64_t kLineShift = 4;  // 16 fp32 per 64-byte cache line
+
+SortedMap sorted_map(const ElementMap& em, const Projection& pj) {
+  const int64_t na = pj.numel_a(), n = pj.numel(), in_f = pj.in_f, r = pj.r;
+  const int64_t lines = (pj.d >> kLineShift) + 1;
+  SortedMap sm;
+  std::vector<int32_t> start(static_cast<size_t>(lines + 1));
+  auto sort_range = [&](int64_t e0, int64_t e1, std::vector<SortedEntry>& dst, bool is_a) {
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t e = e0; e < e1; ++e) ++start[(em.J[e] >> kLineShift) + 1];
+    for (int64_t l = 0; l < lines; ++l) start[l + 1] += start[l];
+    dst.resize(static_cast<size_t>(e1 - e0));
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t i = e - (is_a ? 0 : na);
+      SortedEntry entry{em.J[e], em.S[e], static_cast<int32_t>(is_a ? i % in_f : i % r),
+                        static_cast<int32_t>(is_a ? i / in_f : i / r)};
+      dst[start[em.J[e] >> kLineShift]++] = entry;
     }
-    for (; c < in_f; ++c) acc[0] += xd[c] * (acc_t(th[J[c]]) * acc_t(S[c]));
-    h[k] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  };
+  sort_range(0, na, sm.a, true);
+  sort_range(na, n, sm.b, false);
+  return sm;
+}
+
+// upd = (xd A^T) B^T for one row, A and B read through the sorted element map (no buffers).
+// h has r * 4 slots: four interleaved partial sums per rank, so consecutive adds rarely wait on
+// the same slot.
+template <typename th_t, typename acc_t>
+void row_update(const acc_t* xd, const th_t* th, const SortedMap& sm, const Projection& pj, acc_t* h4, acc_t* upd) {
+  const int64_t r = pj.r, out_f = pj.out_f;
+  std::fill(h4, h4 + 4 * r, acc_t(0));
+  const SortedEntry* ea = sm.a.data();
+  const int64_t na = static_cast<int64_t>(sm.a.size());
+  for (int64_t i = 0; i < na; ++i) {
+    const SortedEntry& e = ea[i];
+    h4[e.dst * 4 + (i & 3)] += xd[e.src] * (acc_t(th[e.j]) * acc_t(e.s));
   }
-  const int32_t* J = em.J + na;
-  const float* S = em.S + na;
-  for (int64_t o = 0; o < out_f; ++o) {
-    acc_t acc = 0;
-    for (int64_t k = 0; k < r; ++k) acc += h[k] * (acc_t(th[J[o * r + k]]) * acc_t(S[o * r + k]));
-    upd[o] = acc;
+  for (int64_t k = 0; k < r; ++k) h4[k] = (h4[k * 4] + h4[k * 4 + 1]) + (h4[k * 4 + 2] + h4[k * 4 + 3]);
+  std::fill(upd, upd + out_f, acc_t(0));
+  const SortedEntry* eb = sm.b.data();
+  const int64_t nb = static_cast<int64_t>(sm.b.size());
+  for (int64_t i = 0; i < nb; ++i) {
+    const SortedEntry& e = eb[i];
+    upd[e.dst] += h4[e.src] * (acc_t(th[e.j]) * acc_t(e.s));
   }
 }
 
@@ -168,8 +207,8 @@ void row_update(const acc_t* xd, const th_t* th, const ElementMap& em, const Pro
 // compute type.
 template <typename x_t, typename out_t, typename acc_t>
 void forward_pieces(const std::vector<Piece>& pieces, int64_t p0, int64_t p1, const at::Tensor& x, at::Tensor& out,
-                    const at::Tensor& theta, const at::Tensor& table, const ElementMap& em, const Projection& pj,
-                    const Dropout& dr) {
+                    const at::Tensor& theta, const at::Tensor& table, const ElementMap& em, const SortedMap& sm,
+                    const Projection& pj, const Dropout& dr) {
   const int64_t r = pj.r, in_f = pj.in_f, out_f = pj.out_f;
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const x_t* xp = x.data_ptr<x_t>();
@@ -178,7 +217,7 @@ void forward_pieces(const std::vector<Piece>& pieces, int64_t p0, int64_t p1, co
   // fp32 end to end: the SIMD loops of the single-adapter path (h = x A^T, out += h B^T).
   const bool simd_path = std::is_same<x_t, float>::value && std::is_same<out_t, float>::value &&
                          std::is_same<acc_t, float>::value && x.stride(1) == 1 && simd::available();
-  std::vector<acc_t> row(static_cast<size_t>(in_f + r + out_f));
+  std::vector<acc_t> row(static_cast<size_t>(in_f + 4 * r + out_f));
   at::Tensor A, B, hbuf, xbuf, tbuf;
   int64_t gathered = -1;  // adapter whose A and B the buffers hold
   for (int64_t p = p0; p < p1;) {
@@ -187,12 +226,12 @@ void forward_pieces(const std::vector<Piece>& pieces, int64_t p0, int64_t p1, co
     while (q < p1 && pieces[q].id == pieces[p].id && pieces[q].m0 == pieces[q - 1].m1) ++q;
     const int64_t id = pieces[p].id, m_begin = pieces[p].m0, m_end = pieces[q - 1].m1;
     const Source src = source_of(id, theta, table);
-    if (m_end - m_begin == 1) {  // decode: straight from the element map
+    if (m_end - m_begin == 1 && !sm.a.empty()) {  // decode: straight from the sorted element map
       acc_t* xd = row.data();
       acc_t* h = xd + in_f;
-      acc_t* upd = h + r;
+      acc_t* upd = h + 4 * r;
       dropped_row(xp + m_begin * ldx, m_begin, in_f, dr, xd);
-      with_source(src, [&](auto th) { row_update(xd, th, em, pj, h, upd); });
+      with_source(src, [&](auto th) { row_update(xd, th, sm, pj, h, upd); });
       out_t* orow = op + m_begin * out_f;
       for (int64_t o = 0; o < out_f; ++o) orow[o] = static_cast<out_t>(acc_t(orow[o]) + upd[o]);
       p = q;
@@ -252,10 +291,16 @@ struct Unit {
   int64_t slot;  // -1: the unit is its adapter's only one and scatters itself; else its partial slot
 };
 
-// grad[J[i]] += S[i] * v[i] over the layer's [dA | dB] (serial: indices collide).
+// grad[J[i]] += S[i] * v[i] over the layer's [dA | dB] (serial: indices collide), in element
+// order; v holds dB^T (r x out) instead of dB when `bt` (the SIMD loops' layout).
 template <typename acc_t>
-void scatter_adapter(const acc_t* v, const ElementMap& em, int64_t n, acc_t* grad) {
-  for (int64_t i = 0; i < n; ++i) grad[em.J[i]] += acc_t(em.S[i]) * v[i];
+void scatter_adapter(const acc_t* v, const ElementMap& em, const Projection& pj, bool bt, acc_t* grad) {
+  const int64_t na = pj.numel_a(), n = pj.numel(), r = pj.r, out_f = pj.out_f;
+  for (int64_t i = 0; i < na; ++i) grad[em.J[i]] += acc_t(em.S[i]) * v[i];
+  for (int64_t i = na; i < n; ++i) {
+    const int64_t e = i - na;
+    grad[em.J[i]] += acc_t(em.S[i]) * v[bt ? na + (e % r) * out_f + e / r : i];
+  }
 }
 
 }  // namespace
@@ -269,6 +314,10 @@ void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
   const std::vector<Piece> pieces = pieces_of(seq_adapter, M, table.size(0), piece_rows_for(M, seq_adapter.numel()));
   if (pieces.empty()) return;
   const ElementMap em = element_map(pj);
+  // The sorted map only when some piece is a single row (it costs a pass over n).
+  bool single_rows = false;
+  for (const Piece& pc : pieces) single_rows |= pc.m1 - pc.m0 == 1;
+  const SortedMap sm = single_rows ? sorted_map(em, pj) : SortedMap();
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), table.scalar_type()});
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t npieces = static_cast<int64_t>(pieces.size());
@@ -278,7 +327,7 @@ void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
       using acc_t = scalar_t;
       // out has x's dtype (checked by the op).
       run_chunks(npieces, [&](int64_t, int64_t p0, int64_t p1) {
-        forward_pieces<x_t, x_t, acc_t>(pieces, p0, p1, xs, out, theta, table, em, pj, dr);
+        forward_pieces<x_t, x_t, acc_t>(pieces, p0, p1, xs, out, theta, table, em, sm, pj, dr);
       });
     });
   });
@@ -341,7 +390,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
   at::Tensor slots = need_theta && nslots > 0 ? at::zeros({nslots, n}, opts) : at::Tensor();
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor gs = g.stride(1) == 1 ? g : g.contiguous();
-  const int64_t mb = block_rows(std::max(in_f, out_f), at::elementSize(cd));
+  // fp32 end to end: the SIMD loops of the single-adapter backward (h, u = g B, dA, dB^T and
+  // grad_x in one pass per row block); dropout goes through a masked copy of the x block.
+  const bool simd_path = cd == at::kFloat && x.scalar_type() == cd && g.scalar_type() == cd && simd::available();
+  const int64_t mb = simd_path ? kSimdRows : block_rows(std::max(in_f, out_f), at::elementSize(cd));
 
   AT_DISPATCH_FLOATING_TYPES(cd, "unilora_mixed_backward", [&] {
     using acc_t = scalar_t;
@@ -361,9 +413,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
       at::Tensor mask = dr.active && need_x ? at::empty({mb, in_f}, x.options().dtype(at::kByte)) : at::Tensor();
       for (int64_t ui = u0; ui < u1; ++ui) {
         const Unit& unit = units[ui];
-        with_source(source_of(unit.id, theta, table),
-                    [&](auto th) { gather_adapter(th, em, pj, A.data_ptr<acc_t>(), B.data_ptr<acc_t>(), false); });
+        with_source(source_of(unit.id, theta, table), [&](auto th) {
+          gather_adapter(th, em, pj, A.data_ptr<acc_t>(), B.data_ptr<acc_t>(), simd_path);
+        });
         at::Tensor dAB_u = !need_theta ? at::Tensor() : unit.slot >= 0 ? slots[unit.slot] : dAB.zero_();
+        if (simd_path) {
+          simd::AdapterBackward a;
+          a.A = A.data_ptr<float>();
+          a.BT = B.data_ptr<float>();  // gathered as B^T (r x out)
+          a.r = r;
+          a.in_f = in_f;
+          a.out_f = out_f;
+          if (need_theta) {
+            a.dA = dAB_u.data_ptr<float>();
+            a.dBT = a.dA + r * in_f;
+          }
+          for (int64_t p = unit.p0; p < unit.p1; ++p) {
+            for (int64_t m0 = pieces[p].m0; m0 < pieces[p].m1; m0 += mb) {
+              const int64_t rows = std::min(mb, pieces[p].m1 - m0);
+              uint8_t* mk = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+              const at::Tensor xb = input_block(xs, m0, rows, xbuf, dr, mk);  // x itself without dropout
+              a.x = xb.data_ptr<float>();
+              a.ldx = xb.stride(0);
+              a.g = gs.data_ptr<float>() + m0 * gs.stride(0);
+              a.ldg = gs.stride(0);
+              if (need_x) {
+                a.gx = gx.data_ptr<float>() + m0 * in_f;
+                a.ldgx = in_f;
+              }
+              simd::adapter_backward(a, 0, rows);
+              if (need_x && dr.active) drop_rows(gx.narrow(0, m0, rows), m0, dr, mk);
+            }
+          }
+          if (need_theta && unit.slot < 0) scatter_adapter(dAB_u.data_ptr<acc_t>(), em, pj, true, grad_row(unit.id));
+          continue;
+        }
         at::Tensor dA = need_theta ? dAB_u.narrow(0, 0, r * in_f).view({r, in_f}) : at::Tensor();
         at::Tensor dB = need_theta ? dAB_u.narrow(0, r * in_f, out_f * r).view({out_f, r}) : at::Tensor();
         for (int64_t p = unit.p0; p < unit.p1; ++p) {
@@ -393,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
             }
           }
         }
-        if (need_theta && unit.slot < 0) scatter_adapter(dAB_u.data_ptr<acc_t>(), em, n, grad_row(unit.id));
+        if (need_theta && unit.slot < 0) scatter_adapter(dAB_u.data_ptr<acc_t>(), em, pj, simd_path, grad_row(unit.id));
       }
     });
     if (need_theta && nslots > 0) {
@@ -404,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
         if (units[i].slot >= 0) {
           at::Tensor total = slots[units[i].slot];
           for (size_t k = i + 1; k < j; ++k) total.add_(slots[units[k].slot]);
-          scatter_adapter(total.data_ptr<acc_t>(), em, n, grad_row(units[i].id));
+          scatter_adapter(total.data_ptr<acc_t>(), em, pj, simd_path, grad_row(units[i].id));
         }
         i = j;
       }
