@@ -274,6 +274,20 @@ void check_mixed(const at::Tensor& x, const at::Tensor& theta, const at::Tensor&
               " sequences of seq_adapter");
 }
 
+// theta of a mixed batch: like every adapter of the table, any float dtype (read into the
+// compute dtype; its gradient comes back in its own dtype).
+Projection mixed_projection(const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
+                            const at::Tensor& idx_b, int64_t r, int64_t in_f, int64_t out_f,
+                            at::IntArrayRef hash_params) {
+  TORCH_CHECK(theta.dim() == 1 && is_float(theta.scalar_type()),
+              "unilora: theta_d must be a 1-D float16/bfloat16/float32/float64 tensor, got ", theta.scalar_type(),
+              " of shape ", theta.sizes());
+  TORCH_CHECK(theta.is_contiguous(), "unilora: theta_d must be contiguous");
+  TORCH_CHECK(theta.size(0) > 0, "unilora: theta_d is empty");
+  check_same_device(scales, "scales", theta);
+  return make_projection(theta.size(0), scales, idx_a, idx_b, r, in_f, out_f, hash_params);
+}
+
 using MixedForwardFn = void (*)(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const Projection&, const Dropout&);
 
@@ -282,7 +296,7 @@ void mixed_forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& the
                       const at::Tensor& seq_adapter, const at::Tensor& scales, const at::Tensor& idx_a,
                       const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p, int64_t seed) {
   check_dropout(p);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hash_params);
+  const Projection pj = mixed_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hash_params);
   check_forward(out, x, theta, pj);
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "unilora: out must have x's dtype ", x.scalar_type(), ", got ",
               out.scalar_type());
@@ -301,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_op(
     const at::Tensor& seq_adapter, const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b,
     int64_t r, at::IntArrayRef hash_params, double p, int64_t seed, bool need_x, bool need_theta, bool deterministic) {
   check_dropout(p);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hash_params);
+  const Projection pj = mixed_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hash_params);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == pj.in_f, "unilora: x must be 2-D (M, ", pj.in_f, "), got ", x.sizes());
   TORCH_CHECK(is_float(x.scalar_type()), "unilora: x must be float16/bfloat16/float32/float64, got ",
               x.scalar_type());

@@ -91,6 +91,16 @@ def test_cpu_odd_shapes_match_oracle(kind, p, x_dtype, table_dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("kind", ["uniform", "hashed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_theta(kind, dtype):
+    """theta_d of the table's dtype (a model cast to bf16/fp16): its gradient comes back in it."""
+    proj, theta, table, seq, x, out, g = _case(**ODD, kind=kind, x_dtype=dtype, table_dtype=dtype, capacity=4,
+                                               ids=[2, -1, 0, 2, 4])
+    _check_against_oracle(proj, theta.to(dtype), table, seq, x, out, g, 0.3, kind, dtype, f"theta {dtype}")
+
+
+@needs_ext
 @pytest.mark.parametrize("ids", [[0, 0, -1, 0, 0], [1, 1, 1, 1, 1], [3, 3, 1, 1, 2]])
 def test_cpu_id_patterns(ids):
     """Consecutive sequences sharing one adapter, table-only batches."""
@@ -193,8 +203,8 @@ def test_cpu_bad_inputs_raise_clear_errors():
         fwd(table=table.to(torch.int32))
     with pytest.raises(RuntimeError, match="out must have x's dtype"):
         fwd(out=out.double())
-    with pytest.raises(RuntimeError, match="theta_d must be a 1-D float32"):
-        fwd(theta=theta.half())
+    with pytest.raises(RuntimeError, match="theta_d must be a 1-D float16/bfloat16/float32/float64"):
+        fwd(theta=theta.to(torch.int32))
     with pytest.raises(RuntimeError, match=r"grad_out must be \(15, 29\)"):
         C.mixed_backward(g[:3], x, theta, table, seq, *common, True, True, False)
     with pytest.raises(RuntimeError, match=r"seq_adapter\[1\] = 9"):

@@ -183,12 +183,15 @@ if _C is not None:
 # --------------------------------------------------------------------------------------------
 # the backend contract
 # --------------------------------------------------------------------------------------------
-def _check(x: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, other: torch.Tensor, other_name: str):
+def _check(x: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, other: torch.Tensor, other_name: str,
+           theta_dtypes=THETA_DTYPES):
     """TypeError/ValueError for what Python can see cheaply; the C++ ops check the rest."""
     if x.dtype not in ACTIVATION_DTYPES or other.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"x and {other_name} must be float16/bfloat16/float32/float64, got {x.dtype} and {other.dtype}")
-    if theta.dtype not in THETA_DTYPES:
-        raise TypeError(f"theta_d must be float32 (float64 for gradcheck), got {theta.dtype}")
+    if theta.dtype not in theta_dtypes:
+        if theta_dtypes == THETA_DTYPES:
+            raise TypeError(f"theta_d must be float32 (float64 for gradcheck), got {theta.dtype}")
+        raise TypeError(f"theta_d must be float16/bfloat16/float32/float64, got {theta.dtype}")
     if x.dim() != 2 or x.shape[1] != proj.in_features:
         raise ValueError(f"x must be (M, {proj.in_features}), got {tuple(x.shape)}")
     if other.dim() != 2 or other.shape[0] != x.shape[0] or other.shape[1] != proj.out_features:
@@ -274,8 +277,9 @@ def lora_matrices(theta: torch.Tensor, proj: LayerProjection, dtype=None):
 # --------------------------------------------------------------------------------------------
 def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed) -> None:
     """``out[m] += drop(x)[m] A_a^T B_a^T`` in place, ``a`` the adapter of row m's sequence
-    (``seq_adapter``: -1 none, 0 theta, k > 0 ``table[k - 1]``); out has x's dtype."""
-    _check(x, theta, proj, out, "out")
+    (``seq_adapter``: -1 none, 0 theta, k > 0 ``table[k - 1]``); out has x's dtype. theta and the
+    table may be fp16/bf16 as well (read into the compute dtype)."""
+    _check(x, theta, proj, out, "out", ACTIVATION_DTYPES)
     torch.ops.unilora_C.mixed_forward_(
         out, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
         float(p), _seed(p, seed),
@@ -287,7 +291,7 @@ def mixed_backward(g, x, theta, table, seq_adapter, proj: LayerProjection, p: fl
     """(grad_x, grad_theta, grad_table) of the update alone, each in its tensor's dtype; None for
     what was not asked. CPU: deterministic. CUDA: fp32 atomics; deterministic mode
     (``policy.deterministic()``) with ``need_theta`` is refused with an error."""
-    _check(x, theta, proj, g, "grad_out")
+    _check(x, theta, proj, g, "grad_out", ACTIVATION_DTYPES)
     gx, gt, gtab = torch.ops.unilora_C.mixed_backward(
         g, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
         float(p), _seed(p, seed), bool(need_x), bool(need_theta), deterministic(),
