@@ -18,8 +18,8 @@ Kernels, each addressing its gathered W (R x C) by layer position
 * ``mixed_shrink_kernel``: y (M, R) fp32 = drop(x) W_a^T (h with W = A, g B with W = B^T);
 * ``mixed_expand_kernel``: out += y W_a (forward, W = B^T; base rows untouched) or
   grad_x = (y W_a) * mask * scale, stored for every row (zero on base rows);
-* ``mixed_dw_kernel``: dW_a = u^T v over each sequence's rows (or a split of them) (dA: u = g B, v = drop(x);
-  dB: u = h, v = g), scatter-added with fp32 atomics into the adapter's gradient row
+* ``mixed_dw_kernel``: dW_a = u^T v over a split of each sequence's rows (dA: u = g B,
+  v = drop(x); dB: u = h, v = g), scatter-added with fp32 atomics into the adapter's gradient
   (theta's buffer for id 0, the table's row id - 1 otherwise); in deterministic mode the first
   sequence of each adapter sums all of that adapter's rows in sequence order into a partial
   buffer, which ``mixed_csr_reduce_kernel`` sums through the layer's CSR of P^T (no atomics).
@@ -50,12 +50,13 @@ def seg_cfg(num_warps: int, num_stages: int, lowp: bool, rps=(16, 32, 64), det=N
     return when, c
 
 
-# The first config that applies is the default (interpreter, deterministic mode); the ROWS tiles
-# hold an (R, C) fp32 product per row: their widths shrink as the rank grows.
+# The first config that applies is the default (interpreter, deterministic mode). A ROWS tile
+# holds an (R, C) fp32 product and two gather addresses per element, so its width shrinks as the
+# rank grows, keeping registers for more programs in flight on these latency-bound gathers.
 MIXED_SHRINK_CONFIGS = [
-    rows_cfg(4, rps=(16, 32), BLOCK_K=128),
-    rows_cfg(4, rps=(64,), BLOCK_K=64),
-    rows_cfg(8, rps=(16, 32), BLOCK_K=256),
+    rows_cfg(4, rps=(16, 32), BLOCK_K=64),
+    rows_cfg(8, rps=(64,), BLOCK_K=32),
+    rows_cfg(8, rps=(16, 32), BLOCK_K=128),
     seg_cfg(4, 3, True, rps=(16, 32), BLOCK_M=32, BLOCK_K=64),
     seg_cfg(4, 3, True, rps=(64,), BLOCK_M=32, BLOCK_K=32),
     seg_cfg(4, 3, True, rps=(16, 32), BLOCK_M=64, BLOCK_K=64),
@@ -65,9 +66,9 @@ MIXED_SHRINK_CONFIGS = [
     seg_cfg(4, 3, False, rps=(16, 32), BLOCK_M=32, BLOCK_K=32),
 ]
 MIXED_EXPAND_CONFIGS = [
-    rows_cfg(4, rps=(16, 32), BLOCK_N=128),
-    rows_cfg(4, rps=(64,), BLOCK_N=64),
-    rows_cfg(8, rps=(16, 32), BLOCK_N=256),
+    rows_cfg(4, rps=(16, 32), BLOCK_N=64),
+    rows_cfg(4, rps=(64,), BLOCK_N=32),
+    rows_cfg(8, rps=(16, 32), BLOCK_N=128),
     seg_cfg(4, 2, True, BLOCK_M=32, BLOCK_N=64),
     seg_cfg(4, 2, True, BLOCK_M=64, BLOCK_N=64),
     seg_cfg(4, 2, True, rps=(16, 32), BLOCK_M=16, BLOCK_N=128),
@@ -85,7 +86,8 @@ MIXED_DW_CONFIGS = [
     seg_cfg(4, 2, True, rps=(16, 32), BLOCK_M=32, BLOCK_C=64),
     seg_cfg(4, 2, True, rps=(64,), BLOCK_M=32, BLOCK_C=32),
     seg_cfg(8, 2, True, BLOCK_M=64, BLOCK_C=64),
-    seg_cfg(4, 2, False, BLOCK_M=16, BLOCK_C=64),
+    seg_cfg(4, 2, False, rps=(16, 32), BLOCK_M=16, BLOCK_C=64),
+    seg_cfg(8, 2, False, rps=(64,), BLOCK_M=16, BLOCK_C=32),
     seg_cfg(4, 2, False, rps=(16, 32), BLOCK_M=32, BLOCK_C=32),
 ]
 
