@@ -69,6 +69,8 @@ def test_quick_tiny_run_checks_every_candidate_and_writes_its_results(tmp_path):
             assert float(r["ratio_to_shared"]) == 1.0
     summary = (tmp_path / "multi_adapter.md").read_text()
     assert "### decode" in summary and "### prefill" in summary and "## Adapter memory" in summary
+    if _peft_installed():  # the export was checked alone too: PEFT's own loading path (a0), and the fast one (a1)
+        assert "exported a0 alone" in summary and "exported a1 alone" in summary, summary
     env = json.loads((tmp_path / "multi_adapter_env.json").read_text())
     mem, d = env["memory"], env["sizes"]["d"]
     # measured on the real table: 1,024 registered adapters (plus the model's own theta_d)
