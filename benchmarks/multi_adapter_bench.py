@@ -94,7 +94,7 @@ def grid(quick: bool, tiny: bool) -> list:
     if tiny:
         return [(1, 4), (4, 4)]
     if quick:
-        return [(1, 8), (8, 8), (8, 32)]
+        return [(1, 16), (8, 16)]
     return [(1, 64), (8, 64), (64, 64), (512, 64), (512, 512)]
 
 
