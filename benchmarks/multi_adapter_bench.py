@@ -633,8 +633,10 @@ def write_summary(path, env, s, rows, memory, skipped, started, argv, backend, n
         "",
         "Candidates: `mixed` = `adapter_batch` (the context entered in every call); `loop` = per adapter, copy its "
         "theta into `unilora_theta_d` and run its sub-batch on its own KV-cache slice (timed in total); "
-        "`peft_lora_mixed` = PEFT LoRA with the same adapters (exported by `export_lora`), "
-        "`model(..., adapter_names=...)`; `shared` = the whole batch on one adapter (the floor).",
+        "`peft_lora_mixed` = PEFT LoRA with the same adapters (exported by `export_lora`; a0 loaded through PEFT's "
+        "own adapter-directory path, the others registered per LoRA layer as `update_layer` does, since "
+        "`add_adapter` is quadratic in N), `model(..., adapter_names=...)`; `shared` = the whole batch on one "
+        "adapter (the floor).",
         "Decode: every timed call runs one token on the same L-token cache and crops the cache back "
         "(`DynamicCache.crop`). Prefill: `use_cache=False`, `logits_to_keep=1`. "
         + ("Times: torch.utils.benchmark-style medians of interleaved rounds (all candidates of a row sampled "
