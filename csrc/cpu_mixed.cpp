@@ -16,6 +16,17 @@
 #include <atomic>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define UNILORA_MIXED_AVX512 1
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own placeholder vectors once
+// inlined (GCC bug 105593, fixed in 13), as in cpu_simd.cpp.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
+
 #include "cpu_common.h"
 #include "cpu_simd.h"
 
@@ -203,12 +214,75 @@ void row_update(const acc_t* xd, const th_t* th, const SortedMap& sm, const Proj
   }
 }
 
+// B's element map transposed to (r x out): the AVX-512 row kernel adds h[k] B[:, k] into 16
+// outputs at a time, reading 16 consecutive entries.
+constexpr int64_t kGatherMaxThetaBytes = 64 * 1024;
+
+struct TransposedB {
+  std::vector<int32_t> J;
+  std::vector<float> S;
+};
+
+TransposedB transposed_b(const ElementMap& em, const Projection& pj) {
+  const int64_t na = pj.numel_a(), r = pj.r, out_f = pj.out_f;
+  TransposedB tb;
+  tb.J.resize(static_cast<size_t>(r * out_f));
+  tb.S.resize(static_cast<size_t>(r * out_f));
+  for (int64_t o = 0; o < out_f; ++o) {
+    for (int64_t k = 0; k < r; ++k) {
+      tb.J[k * out_f + o] = em.J[na + o * r + k];
+      tb.S[k * out_f + o] = em.S[na + o * r + k];
+    }
+  }
+  return tb;
+}
+
+#ifdef UNILORA_MIXED_AVX512
+// upd = (xd A^T) B^T for one fp32 row and an fp32 theta, with AVX-512 gathers: 16 elements of A
+// (or of B^T) per instruction where the scalar loops read one. Needs simd::avx512().
+__attribute__((target("avx512f"))) void row_update_avx512(const float* xd, const float* th, const ElementMap& em,
+                                                          const TransposedB& tb, int64_t r, int64_t in_f,
+                                                          int64_t out_f, float* h, float* upd) {
+  for (int64_t k = 0; k < r; ++k) {
+    const int32_t* J = em.J + k * in_f;
+    const float* S = em.S + k * in_f;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= in_f; c += 32) {
+      const __m512 t0 = _mm512_i32gather_ps(_mm512_loadu_si512(J + c), th, 4);
+      const __m512 t1 = _mm512_i32gather_ps(_mm512_loadu_si512(J + c + 16), th, 4);
+      acc0 = _mm512_fmadd_ps(_mm512_mul_ps(t0, _mm512_loadu_ps(S + c)), _mm512_loadu_ps(xd + c), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_mul_ps(t1, _mm512_loadu_ps(S + c + 16)), _mm512_loadu_ps(xd + c + 16), acc1);
+    }
+    for (; c < in_f; c += 16) {
+      const __mmask16 m = in_f - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in_f - c)) - 1);
+      const __m512i j = _mm512_maskz_loadu_epi32(m, J + c);
+      const __m512 t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, j, th, 4);
+      acc0 = _mm512_fmadd_ps(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, S + c)), _mm512_maskz_loadu_ps(m, xd + c),
+                             acc0);
+    }
+    h[k] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+  for (int64_t o = 0; o < out_f; o += 16) {
+    const __mmask16 m = out_f - o >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (out_f - o)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < r; ++k) {
+      const __m512i j = _mm512_maskz_loadu_epi32(m, tb.J.data() + k * out_f + o);
+      const __m512 t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, j, th, 4);
+      acc = _mm512_fmadd_ps(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, tb.S.data() + k * out_f + o)),
+                            _mm512_set1_ps(h[k]), acc);
+    }
+    _mm512_mask_storeu_ps(upd + o, m, acc);
+  }
+}
+#endif
+
 // The forward of one thread's pieces [p0, p1), x_t / out_t the activation types, acc_t the
 // compute type.
 template <typename x_t, typename out_t, typename acc_t>
 void forward_pieces(const std::vector<Piece>& pieces, int64_t p0, int64_t p1, const at::Tensor& x, at::Tensor& out,
                     const at::Tensor& theta, const at::Tensor& table, const ElementMap& em, const SortedMap& sm,
-                    const Projection& pj, const Dropout& dr) {
+                    const TransposedB& tb, const Projection& pj, const Dropout& dr) {
   const int64_t r = pj.r, in_f = pj.in_f, out_f = pj.out_f;
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const x_t* xp = x.data_ptr<x_t>();
@@ -226,12 +300,25 @@ void forward_pieces(const std::vector<Piece>& pieces, int64_t p0, int64_t p1, co
     while (q < p1 && pieces[q].id == pieces[p].id && pieces[q].m0 == pieces[q - 1].m1) ++q;
     const int64_t id = pieces[p].id, m_begin = pieces[p].m0, m_end = pieces[q - 1].m1;
     const Source src = source_of(id, theta, table);
-    if (m_end - m_begin == 1 && !sm.a.empty()) {  // decode: straight from the sorted element map
+    const bool gathers = std::is_same<acc_t, float>::value && src.type == at::kFloat && !tb.J.empty();
+    if (m_end - m_begin == 1 && (gathers || !sm.a.empty())) {  // decode: straight from the element map
       acc_t* xd = row.data();
       acc_t* h = xd + in_f;
       acc_t* upd = h + 4 * r;
       dropped_row(xp + m_begin * ldx, m_begin, in_f, dr, xd);
+#ifdef UNILORA_MIXED_AVX512
+      if constexpr (std::is_same<acc_t, float>::value) {
+        if (gathers) {
+          row_update_avx512(xd, static_cast<const float*>(src.ptr), em, tb, r, in_f, out_f, h, upd);
+        } else {
+          with_source(src, [&](auto th) { row_update(xd, th, sm, pj, h, upd); });
+        }
+      } else {
+        with_source(src, [&](auto th) { row_update(xd, th, sm, pj, h, upd); });
+      }
+#else
       with_source(src, [&](auto th) { row_update(xd, th, sm, pj, h, upd); });
+#endif
       out_t* orow = op + m_begin * out_f;
       for (int64_t o = 0; o < out_f; ++o) orow[o] = static_cast<out_t>(acc_t(orow[o]) + upd[o]);
       p = q;
@@ -314,11 +401,25 @@ void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
   const std::vector<Piece> pieces = pieces_of(seq_adapter, M, table.size(0), piece_rows_for(M, seq_adapter.numel()));
   if (pieces.empty()) return;
   const ElementMap em = element_map(pj);
-  // The sorted map only when some piece is a single row (it costs a pass over n).
-  bool single_rows = false;
-  for (const Piece& pc : pieces) single_rows |= pc.m1 - pc.m0 == 1;
-  const SortedMap sm = single_rows ? sorted_map(em, pj) : SortedMap();
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), table.scalar_type()});
+  // Single-row pieces read A and B through the maps: fp32 sources by AVX-512 gathers (B's map
+  // transposed), the others through the sorted map. Each map is built only when some piece
+  // needs it (it costs a pass over n).
+  bool gathers = false, sorted = false;
+#ifdef UNILORA_MIXED_AVX512
+  // Gathers win while an adapter's theta stays in L1/L2 for its row; a larger theta misses on
+  // each gather, and the sorted map's streaming reads win.
+  const bool can_gather = cd == at::kFloat && simd::avx512() && pj.d * 4 <= kGatherMaxThetaBytes;
+#else
+  const bool can_gather = false;
+#endif
+  for (const Piece& pc : pieces) {
+    if (pc.m1 - pc.m0 != 1) continue;
+    const bool f32 = (pc.id == 0 ? theta.scalar_type() : table.scalar_type()) == at::kFloat;
+    (can_gather && f32 ? gathers : sorted) = true;
+  }
+  const SortedMap sm = sorted ? sorted_map(em, pj) : SortedMap();
+  const TransposedB tb = gathers ? transposed_b(em, pj) : TransposedB();
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t npieces = static_cast<int64_t>(pieces.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unilora_mixed_x", [&] {
@@ -327,7 +428,7 @@ void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
       using acc_t = scalar_t;
       // out has x's dtype (checked by the op).
       run_chunks(npieces, [&](int64_t, int64_t p0, int64_t p1) {
-        forward_pieces<x_t, x_t, acc_t>(pieces, p0, p1, xs, out, theta, table, em, sm, pj, dr);
+        forward_pieces<x_t, x_t, acc_t>(pieces, p0, p1, xs, out, theta, table, em, sm, tb, pj, dr);
       });
     });
   });
