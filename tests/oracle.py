@@ -144,8 +144,9 @@ def mixed_oracle(x, theta, table, seq_adapter, proj: LayerProjection, *, p: floa
     upd = torch.stack(rows)
     res = {"upd": upd.detach()}
     if grad_out is not None:
-        upd.backward(grad_out.detach().double().cpu())
-        res["grad_x"] = x64.grad
+        if upd.requires_grad:  # not when every row is a base row
+            upd.backward(grad_out.detach().double().cpu())
+        res["grad_x"] = x64.grad if x64.grad is not None else torch.zeros_like(x64)
         res["grad_theta"] = t64.grad if t64.grad is not None else torch.zeros_like(t64)
         res["grad_table"] = tab64.grad if tab64.grad is not None else torch.zeros_like(tab64)
     return res
