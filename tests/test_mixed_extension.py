@@ -156,6 +156,21 @@ def test_cpu_prefill_shape(x_dtype, p):
 
 
 @needs_ext
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 40])
+def test_cpu_strided_rows(x_dtype, T):
+    """x and grad_out as column slices of wider tensors (row stride > in / out)."""
+    proj, theta, table, seq, x, out, g = _case(4, T, 48, 40, 4, 200, kind="uniform", x_dtype=x_dtype,
+                                               table_dtype=torch.float32, capacity=3, ids=[1, 0, -1, 3])
+    xw = torch.randn(x.shape[0], 64).to(x_dtype)
+    xw[:, 5:53] = x
+    gw = torch.randn(g.shape[0], 50).to(x_dtype)
+    gw[:, 3:43] = g
+    _check_against_oracle(proj, theta, table, seq, xw[:, 5:53], out, gw[:, 3:43], 0.2, "uniform", torch.float32,
+                          f"strided T={T}")
+
+
+@needs_ext
 def test_cpu_need_flags_and_determinism():
     proj, theta, table, seq, x, out, g = _case(**ODD, kind="hashed", x_dtype=torch.float32,
                                                table_dtype=torch.float32, capacity=4, ids=[2, -1, 0, 2, 4])
