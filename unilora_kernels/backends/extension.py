@@ -17,6 +17,12 @@ What runs where:
   Backward: gather kernel + cuBLAS for dA, dB and grad_x, then the theta_d scatter-add kernel
   (fp32 atomics), or, when ``torch.are_deterministic_algorithms_enabled()`` or
   ``UNILORA_DETERMINISTIC=1``, a sort-based segmented scatter in a fixed order.
+* mixed batches (``mixed_forward_`` / ``mixed_backward``, one adapter per sequence): on ``cpu``
+  each run of rows with one adapter gathers its A and B once into thread-local buffers (SIMD
+  loops or BLAS row blocks), a single row reads them straight through the layer's element map,
+  and each adapter's gradient is scattered by one thread (deterministic); on ``cuda`` one block
+  per row gathers on the fly (r <= DECODE_MAX_R) and the backward adds theta/table gradients with
+  atomics, so deterministic mode is refused there with an error.
 """
 
 from __future__ import annotations
