@@ -173,9 +173,8 @@ SortedMap sorted_map(const ElementMap& em, const Projection& pj) {
   const int64_t na = pj.numel_a(), n = pj.numel(), in_f = pj.in_f, r = pj.r;
   const int64_t lines = (pj.d >> kLineShift) + 1;
   SortedMap sm;
-  std::vector<int32_t> start(static_cast<size_t>(lines + 1));
   auto sort_range = [&](int64_t e0, int64_t e1, std::vector<SortedEntry>& dst, bool is_a) {
-    std::fill(start.begin(), start.end(), 0);
+    std::vector<int32_t> start(static_cast<size_t>(lines + 1), 0);
     for (int64_t e = e0; e < e1; ++e) ++start[(em.J[e] >> kLineShift) + 1];
     for (int64_t l = 0; l < lines; ++l) start[l + 1] += start[l];
     dst.resize(static_cast<size_t>(e1 - e0));
@@ -186,8 +185,16 @@ SortedMap sorted_map(const ElementMap& em, const Projection& pj) {
       dst[start[em.J[e] >> kLineShift]++] = entry;
     }
   };
-  sort_range(0, na, sm.a, true);
-  sort_range(na, n, sm.b, false);
+  // A's map and B's on two threads (when there are two): this pass is serial within each.
+  at::parallel_for(0, 2, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t == 0) {
+        sort_range(0, na, sm.a, true);
+      } else {
+        sort_range(na, n, sm.b, false);
+      }
+    }
+  });
   return sm;
 }
 
