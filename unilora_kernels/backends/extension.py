@@ -41,7 +41,10 @@ except ImportError as exc:  # not built: the backends report why instead of fail
     _IMPORT_ERROR: Optional[str] = str(exc)
 else:
     _IMPORT_ERROR = None
-
+    # A library built from older sources lacks ops this Python code calls: refuse it by name.
+    _stale = [op for op in ("mixed_forward_", "mixed_backward") if not hasattr(torch.ops.unilora_C, op)]
+    if _stale:
+        _C, _IMPORT_ERROR = None, f"built from older sources: no unilora_C::{_stale[0]}"
 
 
 def build_metadata() -> dict:
@@ -52,7 +55,7 @@ def build_metadata() -> dict:
 def unavailable_reason(name: str) -> Optional[str]:
     if _C is None:
         return (
-            f"the compiled extension unilora_kernels._C is not built ({_IMPORT_ERROR}): install with "
+            f"the compiled extension unilora_kernels._C cannot be used ({_IMPORT_ERROR}): install with "
             "`pip install --no-build-isolation .` (scripts/install.sh)"
         )
     if name == "cuda":
