@@ -612,4 +612,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
   return {gx, gtheta, gtable};
 }
 
+
+// ---- decode from adapter columns ----------------------------------------------------------
+// One row per sequence, every sequence's adapter a column of `columns` (d, S) fp32 (zeros for a
+// base row): each theta read serves a block of sequences at once (contiguous floats of one row
+// of `columns`), so the random accesses of the row-by-row path become one streamed line per
+// element, and the products vectorise across sequences.
+namespace {
+
+// w sequences, 16 at a time: h = A x then o = B h. Column s of `cols` (row stride S) is sequence s's
+// adapter; xt (K, w) and ot (N, w) hold the block's inputs and outputs with the sequences as lanes.
+#ifdef UNILORA_MIXED_AVX512
+// Sc[e] * cols[J[e]] * v over 16 lanes (a lambda would not inherit the target attribute).
+__attribute__((target("avx512f"), always_inline)) inline __m512 decode_term(const float* cols, const int32_t* J,
+                                                                           const float* Sc, int64_t S, int64_t e,
+                                                                           __mmask16 mk, const float* v) {
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(Sc[e]), _mm512_maskz_loadu_ps(mk, cols + J[e] * S)),
+                       _mm512_maskz_loadu_ps(mk, v));
+}
+
+__attribute__((target("avx512f")))
+void decode_columns_avx512(const float* xt, const float* cols, float* ot, float* h, const int32_t* J, const float* Sc,
+                           int64_t S, int64_t w, int64_t K, int64_t N, int64_t R) {
+  for (int64_t c0 = 0; c0 < w; c0 += 16) {
+    const int64_t n = std::min<int64_t>(16, w - c0);
+    const __mmask16 mk = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
+    const float* cc = cols + c0;
+    for (int64_t i = 0; i < R; ++i) {
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  // two chains hide the add latency
+      int64_t k = 0;
+      for (; k + 1 < K; k += 2) {
+        acc0 = _mm512_add_ps(acc0, decode_term(cc, J, Sc, S, i * K + k, mk, xt + k * w + c0));
+        acc1 = _mm512_add_ps(acc1, decode_term(cc, J, Sc, S, i * K + k + 1, mk, xt + (k + 1) * w + c0));
+      }
+      if (k < K) acc0 = _mm512_add_ps(acc0, decode_term(cc, J, Sc, S, i * K + k, mk, xt + k * w + c0));
+      _mm512_storeu_ps(h + i * 16, _mm512_add_ps(acc0, acc1));
+    }
+    for (int64_t o = 0; o < N; ++o) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < R; ++i) {
+        acc = _mm512_add_ps(acc, decode_term(cc, J, Sc, S, R * K + o * R + i, mk, h + i * 16));
+      }
+      _mm512_mask_storeu_ps(ot + o * w + c0, mk, acc);
+    }
+  }
+}
+#endif
+
+void decode_columns_scalar(const float* xt, const float* cols, float* ot, float* h, const int32_t* J, const float* Sc,
+                           int64_t S, int64_t w, int64_t K, int64_t N, int64_t R) {
+  for (int64_t s = 0; s < w; ++s) {
+    for (int64_t i = 0; i < R; ++i) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += Sc[i * K + k] * cols[J[i * K + k] * S + s] * xt[k * w + s];
+      h[i] = acc;
+    }
+    for (int64_t o = 0; o < N; ++o) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < R; ++i) acc += Sc[R * K + o * R + i] * cols[J[R * K + o * R + i] * S + s] * h[i];
+      ot[o * w + s] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+void mixed_decode_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& columns, const Projection& pj) {
+  RECORD_FUNCTION("unilora_cpu::mixed_decode", std::vector<c10::IValue>());
+  const int64_t S = x.size(0), K = pj.in_f, N = pj.out_f, R = pj.r;
+  if (S == 0) return;
+  const cpu::ElementMap em = cpu::element_map(pj);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const bool direct = out.scalar_type() == at::kFloat;  // else through an fp32 (N, S) buffer
+  at::Tensor ot = direct ? at::Tensor() : at::empty({N, S}, xf.options());
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::max<int64_t>(16, ((S + threads - 1) / threads + 15) / 16 * 16);
+  const float* X = xf.data_ptr<float>();
+  const float* C = columns.data_ptr<float>();
+#ifdef UNILORA_MIXED_AVX512
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+#else
+  const bool avx512 = false;
+#endif
+  at::parallel_for(0, (S + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> h(static_cast<size_t>(R * 16)), xt(static_cast<size_t>(K * block)),
+        ob(static_cast<size_t>(N * block));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s0 = b * block, w = std::min(block, S - s0);
+      // This block's rows of x as columns (K, w), and its outputs as (N, w): the lanes are sequences.
+      for (int64_t s = 0; s < w; ++s) {
+        const float* xr = X + (s0 + s) * K;
+        for (int64_t k = 0; k < K; ++k) xt[k * w + s] = xr[k];
+      }
+#ifdef UNILORA_MIXED_AVX512
+      if (avx512) {
+        decode_columns_avx512(xt.data(), C + s0, ob.data(), h.data(), em.J, em.S, S, w, K, N, R);
+      } else
+#endif
+        decode_columns_scalar(xt.data(), C + s0, ob.data(), h.data(), em.J, em.S, S, w, K, N, R);
+      for (int64_t s = 0; s < w; ++s) {
+        if (direct) {
+          float* orow = out.data_ptr<float>() + (s0 + s) * N;
+          for (int64_t o = 0; o < N; ++o) orow[o] += ob[o * w + s];
+        } else {
+          float* orow = ot.data_ptr<float>();
+          for (int64_t o = 0; o < N; ++o) orow[o * S + s0 + s] = ob[o * w + s];
+        }
+      }
+    }
+  });
+  (void)avx512;
+  if (!direct) out.add_(ot.t().to(out.scalar_type()));
+}
+
 }  // namespace unilora

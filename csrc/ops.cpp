@@ -305,6 +305,26 @@ void mixed_forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& the
   impl(out, x, theta, table, seq_adapter, pj, make_dropout(p, seed));
 }
 
+// Decode rows from adapter columns (one row per sequence): columns is (d, S) fp32, column s the
+// adapter of row s (zeros for a base row); CPU only (extension.py keeps the columns per batch).
+void mixed_decode_op(at::Tensor out, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& scales,
+                     const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params) {
+  TORCH_CHECK(columns.dim() == 2 && columns.scalar_type() == at::kFloat && columns.is_contiguous(),
+              "unilora: columns must be a contiguous (d, S) float32 tensor, got ", columns.scalar_type(), " ",
+              columns.sizes());
+  TORCH_CHECK(columns.size(0) > 0 && columns.size(1) > 0, "unilora: columns must be (d, S) with d, S > 0, got ",
+              columns.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == columns.size(1), "unilora: x must be (S = ", columns.size(1),
+              ", in), one row per sequence, got ", x.sizes());
+  check_same_device(x, "x", columns);
+  const Projection pj = make_projection(columns.size(0), scales, idx_a, idx_b, r, features(x), features(out),
+                                        hash_params);
+  check_forward(out, x, columns.select(1, 0), pj);
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "unilora: out must have x's dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  mixed_decode_cpu(out, x, columns, pj);
+}
+
 using MixedBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Projection&,
     const Dropout&, bool, bool, bool);
@@ -422,6 +442,10 @@ TORCH_LIBRARY(unilora_C, m) {
   m.def(
       "mixed_forward_(Tensor(a!) out, Tensor x, Tensor theta, Tensor table, Tensor seq_adapter, Tensor scales, "
       "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed) -> ()");
+  // Decode rows (one per sequence) whose adapters are the columns of `columns` (d, S) fp32 (CPU).
+  m.def(
+      "mixed_decode_(Tensor(a!) out, Tensor x, Tensor columns, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
+      "int[] hash_params) -> ()");
   // Its backward, the update alone: (grad_x in x's dtype, zero on base rows; grad_theta (d,); grad_table
   // (capacity, d)), each in its tensor's dtype; an output that was not asked for is empty.
   m.def(
@@ -442,6 +466,7 @@ TORCH_LIBRARY_IMPL(unilora_C, CPU, m) {
   m.impl("linear_backward", &unilora::linear_backward_op<&unilora::linear_backward_cpu>);
   m.impl("mixed_forward_", &unilora::mixed_forward_op<&unilora::mixed_forward_cpu>);
   m.impl("mixed_backward", &unilora::mixed_backward_op<&unilora::mixed_backward_cpu>);
+  m.impl("mixed_decode_", &unilora::mixed_decode_op);
   m.impl("_hashed_index", &unilora::hashed_index_op_cpu);
   m.impl("_philox_randint", &unilora::philox_op_cpu);
 }

@@ -72,6 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
                                                                   const at::Tensor& seq_adapter, const Projection& pj,
                                                                   const Dropout& dr, bool need_x, bool need_theta,
                                                                   bool deterministic);
+// Decode rows (one per sequence) whose adapters are the columns of `columns` (d, S) fp32.
+void mixed_decode_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& columns, const Projection& pj);
 
 // ---- autograd.cpp: unilora_C::linear_autograd, the output of `linear` with autograd in C++ ----
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,

@@ -145,6 +145,21 @@ def test_cpu_decode_shape(kind, p, x_dtype):
 
 
 @needs_ext
+def test_cpu_decode_columns_follow_in_place_updates():
+    """Decode keeps the batch's adapters as columns per seq_adapter tensor: an in-place change of
+    theta or of the table (an optimizer step, add_adapter) must be seen by the next call."""
+    proj, theta, table, seq, x, out, g = _case(37, 1, 45, 33, 4, 301, kind="uniform", x_dtype=torch.float32,
+                                               table_dtype=torch.float32, capacity=3,
+                                               ids=[(s % 4) - 1 for s in range(37)])
+    for change in (None, lambda: table[1].add_(0.5), lambda: theta.mul_(-2.0), lambda: table.zero_()):
+        if change is not None:
+            change()
+        got = torch.zeros_like(out)
+        ext.mixed_forward_(got, x, theta, table, seq, proj, 0.0, None)
+        assert_close(got, mixed_oracle(x, theta, table, seq, proj)["upd"], torch.float32, "decode after an update")
+
+
+@needs_ext
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_cpu_prefill_shape(x_dtype, p):

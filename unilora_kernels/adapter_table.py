@@ -32,6 +32,7 @@ class AdapterTable:
         self.bank = bank
         self.dtype = dtype
         self.rows: dict[str, int] = {}  # name -> row of the table
+        self.generation = 0  # bumped by every add/remove: the rows names map to may have changed
 
     # -- storage ---------------------------------------------------------------------------
     @property
@@ -81,12 +82,14 @@ class AdapterTable:
         with torch.no_grad():
             self.table[row].copy_(theta.to(self.table.device, self.dtype))
         self.rows[name] = row
+        self.generation += 1
 
     def remove(self, name: str) -> None:
         if name == DEFAULT:
             raise ValueError(f"{DEFAULT!r} is the model's own theta_d and cannot be removed")
         row = self._row(name)
         del self.rows[name]
+        self.generation += 1
         with torch.no_grad():
             self.table[row].zero_()
 
@@ -119,10 +122,28 @@ def check_new_name(name, taken) -> None:
                          f"none; added: {list(taken)})")
 
 
+_IDS_CACHE_SIZE = 64
+
+
 def sequence_ids(bank, names: Sequence[str], device) -> torch.Tensor:
-    """The kernels' int32 id per sequence: -1 base, 0 default, k > 0 table row k - 1."""
+    """The kernels' int32 id per sequence: -1 base, 0 default, k > 0 table row k - 1. The same names
+    give the same tensor again (until an adapter is added or removed), so what a backend keeps for
+    one batch's ids (extension.decode_columns) serves every batch of the same adapters."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
         raise ValueError(f"names must be a non-empty list of adapter names (one per sequence), got {names!r}")
+    generation = -1 if bank.adapters is None else bank.adapters.generation
+    key = (tuple(names), str(device), generation)
+    cached = bank.ids_cache.get(key)
+    if cached is not None:
+        return cached
+    ids = _ids(bank, names, device)
+    if len(bank.ids_cache) >= _IDS_CACHE_SIZE:
+        bank.ids_cache.clear()
+    bank.ids_cache[key] = ids
+    return ids
+
+
+def _ids(bank, names, device) -> torch.Tensor:
     rows = {} if bank.adapters is None else bank.adapters.rows
     ids = []
     for name in names:

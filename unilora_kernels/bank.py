@@ -46,6 +46,7 @@ class UniLoRABank:
         self._table: Optional[torch.Tensor] = None
         self.adapters = None  # the AdapterTable of other adapters sharing this projection (adapter_table.py)
         self.batch: Optional[torch.Tensor] = None  # per-sequence adapter ids inside ``adapter_batch``
+        self.ids_cache: dict = {}  # names -> ids tensor (adapter_table.sequence_ids)
         # Indices the seed does not regenerate (a checkpoint's or a PEFT model's own) must be
         # saved with the adapter (peft_io.save_adapter).
         self.indices_from_seed = True

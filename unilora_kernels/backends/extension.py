@@ -19,7 +19,9 @@ What runs where:
   ``UNILORA_DETERMINISTIC=1``, a sort-based segmented scatter in a fixed order.
 * mixed batches (``mixed_forward_`` / ``mixed_backward``, one adapter per sequence): on ``cpu``
   each run of rows with one adapter gathers its A and B once into thread-local buffers (SIMD
-  loops or BLAS row blocks), a single row reads them straight through the layer's element map,
+  loops or BLAS row blocks); decode (one row per sequence) reads the batch's adapters as the
+  columns of a (d, S) copy kept per batch (``decode_columns``), so one theta read serves 16
+  sequences; a single row otherwise reads them straight through the layer's element map,
   and each adapter's gradient is scattered by one thread (deterministic); on ``cuda`` one block
   per row gathers on the fly (r <= DECODE_MAX_R) and the backward adds theta/table gradients with
   atomics, so deterministic mode is refused there with an error.
@@ -27,6 +29,7 @@ What runs where:
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -287,12 +290,43 @@ def lora_matrices(theta: torch.Tensor, proj: LayerProjection, dtype=None):
 def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed) -> None:
     """``out[m] += drop(x)[m] A_a^T B_a^T`` in place, ``a`` the adapter of row m's sequence
     (``seq_adapter``: -1 none, 0 theta, k > 0 ``table[k - 1]``); out has x's dtype. theta and the
-    table may be fp16/bf16 as well (read into the compute dtype)."""
+    table may be fp16/bf16 as well (read into the compute dtype). Decode on CPU (one row per
+    sequence, no dropout, nothing in fp64) reads the batch's adapters as columns (``decode_columns``)."""
     _check(x, theta, proj, out, "out", ACTIVATION_DTYPES)
+    if (x.device.type == "cpu" and p == 0 and x.shape[0] == seq_adapter.shape[0] > 0
+            and torch.float64 not in (x.dtype, theta.dtype, table.dtype)):
+        torch.ops.unilora_C.mixed_decode_(out, x, decode_columns(theta, table, seq_adapter), proj.scales,
+                                          proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params))
+        return
     torch.ops.unilora_C.mixed_forward_(
         out, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
         float(p), _seed(p, seed),
     )
+
+
+_columns_cache: dict = {}
+
+
+def decode_columns(theta, table, seq_adapter) -> torch.Tensor:
+    """(d, S) fp32: column s is sequence s's adapter (zeros for -1). Decode reads every layer of every
+    step from it, so it is kept for the one ``seq_adapter`` tensor of a batch (``adapter_batch``
+    makes one per batch) while theta and the table keep their storage and version (in-place updates,
+    optimizer steps included, bump the version; writes through ``.data`` are not seen)."""
+    key = (theta.data_ptr(), theta._version, table.data_ptr(), table._version, tuple(table.shape),
+           seq_adapter.data_ptr(), seq_adapter._version)
+    hit = _columns_cache.get("entry")
+    if hit is not None and hit[0] == key and hit[1]() is seq_adapter:
+        return hit[2]
+    ids = seq_adapter.long()
+    ids_list = ids.tolist()
+    if min(ids_list) < -1 or max(ids_list) > table.shape[0]:
+        raise ValueError(f"seq_adapter ids must lie in [-1, {table.shape[0]}], got [{min(ids_list)}, {max(ids_list)}]")
+    rows = table.index_select(0, (ids - 1).clamp(min=0)) if table.shape[0] else theta.new_zeros((len(ids_list), 0))
+    cols = torch.where((ids == 0)[:, None], theta[None], rows if table.shape[0] else theta[None]).float()
+    cols = cols * (ids >= 0)[:, None]
+    columns = cols.t().contiguous()
+    _columns_cache["entry"] = (key, weakref.ref(seq_adapter), columns)
+    return columns
 
 
 def mixed_backward(g, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed, need_x: bool,
