@@ -74,18 +74,21 @@ COLUMNS = [
     "median_ms", "p20_ms", "p80_ms", "runs", "tokens_per_s", "ratio_to_shared", "mixed_speedup_vs_loop",
     "mixed_speedup_vs_peft", "note",
 ]
-PARTIAL_OPTIONS = ("quick", "tiny", "ns", "bs", "workloads", "candidates")
+PARTIAL_OPTIONS = ("quick", "tiny", "mid", "ns", "bs", "workloads", "candidates")
 
 
 # ------------------------------------------------------------------ plan -------------------
-def model_sizes(device: torch.device, quick: bool, tiny: bool) -> dict:
-    """Model, prompt length L (decode), prefill length T, r and d."""
+def model_sizes(device: torch.device, quick: bool, tiny: bool, mid: bool = False) -> dict:
+    """Model, prompt length L (decode), prefill length T, r and d. On CPU ``mid`` (hidden 1024) is
+    the case where the base GEMMs dwarf both the adapters' cost and PEFT's per-adapter loop."""
     if tiny:
         return dict(hidden=32, inter=48, layers=2, heads=4, kv=2, vocab=97, L=8, T=8, r=4, d=512)
     if device.type == "cuda":
         return dict(hidden=1024, inter=2816, layers=8, heads=16, kv=8, vocab=8192, L=128, T=128, r=4, d=MEMORY_D)
     if quick:
         return dict(hidden=128, inter=344, layers=2, heads=4, kv=2, vocab=1024, L=16, T=16, r=4, d=4_096)
+    if mid:
+        return dict(hidden=1024, inter=2816, layers=4, heads=16, kv=8, vocab=8192, L=32, T=16, r=4, d=MEMORY_D)
     return dict(hidden=256, inter=688, layers=4, heads=8, kv=4, vocab=2048, L=32, T=32, r=4, d=MEMORY_D)
 
 
@@ -106,6 +109,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model and grid (under a minute on 2 CPU cores)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
+    p.add_argument("--mid", action="store_true", help="CPU: a hidden-1024 model instead of the hidden-256 default")
     p.add_argument("--cpu", action="store_true", help="benchmark on CPU even when a GPU is present")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/, "
@@ -703,7 +707,7 @@ def main(argv=None) -> int:
     env["malloc"] = "system default" if use_cuda or args.system_malloc else keep_freed_memory()
     env["dtype"] = str(dtype).replace("torch.", "")
     os.makedirs(out_dir, exist_ok=True)
-    s = model_sizes(device, args.quick, args.tiny)
+    s = model_sizes(device, args.quick, args.tiny, args.mid)
     pairs = grid(args.quick, args.tiny)
     if args.ns or args.bs:
         ns = _ints(args.ns) if args.ns else sorted({n for n, _ in pairs})
