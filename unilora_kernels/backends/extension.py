@@ -295,9 +295,11 @@ def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: 
     _check(x, theta, proj, out, "out", ACTIVATION_DTYPES)
     if (x.device.type == "cpu" and p == 0 and x.shape[0] == seq_adapter.shape[0] > 0
             and torch.float64 not in (x.dtype, theta.dtype, table.dtype)):
-        torch.ops.unilora_C.mixed_decode_(out, x, decode_columns(theta, table, seq_adapter), proj.scales,
-                                          proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params))
-        return
+        columns = decode_columns(theta, table, seq_adapter)
+        if columns is not None:
+            torch.ops.unilora_C.mixed_decode_(out, x, columns, proj.scales, proj.idx_a, proj.idx_b, proj.r,
+                                              list(proj.hash_params))
+            return
     torch.ops.unilora_C.mixed_forward_(
         out, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
         float(p), _seed(p, seed),
@@ -307,11 +309,16 @@ def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: 
 _columns_cache: dict = {}
 
 
-def decode_columns(theta, table, seq_adapter) -> torch.Tensor:
-    """(d, S) fp32: column s is sequence s's adapter (zeros for -1). Decode reads every layer of every
-    step from it, so it is kept for the one ``seq_adapter`` tensor of a batch (``adapter_batch``
-    makes one per batch) while theta and the table keep their storage and version (in-place updates,
-    optimizer steps included, bump the version; writes through ``.data`` are not seen)."""
+DECODE_COLUMN_LANES = 16  # sequences one AVX-512 step of the column kernel serves
+
+
+def decode_columns(theta, table, seq_adapter) -> Optional[torch.Tensor]:
+    """(d, S) fp32: column s is sequence s's adapter (zeros for -1); None when the batch has so few
+    runs of one adapter (fewer than S / DECODE_COLUMN_LANES) that gathering once per run costs less.
+    Decode reads every layer of every step from it, so it is kept for the one ``seq_adapter`` tensor
+    of a batch (``adapter_batch`` hands out one per list of names) while theta and the table keep
+    their storage and version (in-place updates, optimizer steps included, bump the version; writes
+    through ``.data`` are not seen)."""
     key = (theta.data_ptr(), theta._version, table.data_ptr(), table._version, tuple(table.shape),
            seq_adapter.data_ptr(), seq_adapter._version)
     hit = _columns_cache.get("entry")
@@ -321,10 +328,12 @@ def decode_columns(theta, table, seq_adapter) -> torch.Tensor:
     ids_list = ids.tolist()
     if min(ids_list) < -1 or max(ids_list) > table.shape[0]:
         raise ValueError(f"seq_adapter ids must lie in [-1, {table.shape[0]}], got [{min(ids_list)}, {max(ids_list)}]")
-    rows = table.index_select(0, (ids - 1).clamp(min=0)) if table.shape[0] else theta.new_zeros((len(ids_list), 0))
-    cols = torch.where((ids == 0)[:, None], theta[None], rows if table.shape[0] else theta[None]).float()
-    cols = cols * (ids >= 0)[:, None]
-    columns = cols.t().contiguous()
+    runs = 1 + sum(a != b for a, b in zip(ids_list, ids_list[1:]))
+    columns = None
+    if runs * DECODE_COLUMN_LANES > len(ids_list):
+        rows = table.index_select(0, (ids - 1).clamp(min=0)) if table.shape[0] else theta[None]
+        cols = torch.where((ids == 0)[:, None], theta[None], rows).float() * (ids >= 0)[:, None]
+        columns = cols.t().contiguous()
     _columns_cache["entry"] = (key, weakref.ref(seq_adapter), columns)
     return columns
 
