@@ -8,7 +8,7 @@
 #   OUT=/tmp/gpu bash scripts/gpu_check.sh
 #
 # Knobs: ARCHS (default 9.0), BENCH_ARGS (extra benchmarks/run.py arguments),
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds).
+# TEST_TIMEOUT / BENCH_TIMEOUT / MULTI_TIMEOUT (seconds).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -51,5 +51,8 @@ stamp "benchmarks"
 rm -rf /tmp/bench
 timeout "${BENCH_TIMEOUT:-240}" "$PY" -P benchmarks/run.py --out /tmp/bench ${BENCH_ARGS:-} 2>&1 \
   | tee "$OUT/bench.log" | grep -v "it/s\]" | tail -n 60
+stamp "multi-adapter benchmark"
+timeout "${MULTI_TIMEOUT:-120}" "$PY" -P benchmarks/multi_adapter_bench.py --out /tmp/bench/multi_adapter 2>&1 \
+  | tee "$OUT/multi_adapter.log" | tail -n 30
 tar czf "$OUT/bench.tgz" -C /tmp bench 2>/dev/null
 stamp "done"
