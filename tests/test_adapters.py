@@ -155,9 +155,10 @@ def test_training_many_adapters_equals_training_each_alone(backend):
 
 
 # ------------------------------------------------------------------------------ compile -----
+@pytest.mark.parametrize("backend", BACKEND_PARAMS[:2])
 @pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_mixed_batch_has_no_graph_break_and_no_recompile(compiler):
-    _, model = _model(backend="reference")
+def test_compiled_mixed_batch_has_no_graph_break_and_no_recompile(compiler, backend):
+    _, model = _model(backend=backend)
     for i, t in enumerate(_thetas(3)):
         uk.add_adapter(model, f"a{i}", t)
     ids = torch.randint(0, 61, (4, 5))
