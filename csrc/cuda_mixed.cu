@@ -147,8 +147,9 @@ __global__ void __launch_bounds__(kThreads) mixed_forward_kernel(const x_t* __re
   }
 }
 
+// Min 1 block per SM: ptxas otherwise kept the fp64 variants at 64 registers and spilled.
 template <typename x_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     mixed_backward_kernel(const x_t* __restrict__ g, int64_t ldg, const x_t* __restrict__ x, int64_t ldx,
                           x_t* __restrict__ gx, acc_t* __restrict__ gtheta, acc_t* __restrict__ gtable, int64_t d,
                           Sources src, ProjView p, Dropout dr, int in_f, int out_f, int r, bool need_x,
