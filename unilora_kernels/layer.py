@@ -200,20 +200,14 @@ class UniLoRALinear(nn.Module):
             if self.merged and torch.is_grad_enabled() and self.theta_d.requires_grad and self.training:
                 warnings.warn("UniLoRALinear is merged: theta_d gets no gradient until unmerge()", stacklevel=2)
             return base(x, *args, **kwargs)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
+        self._check_features(x)
         theta = policy.theta_for_kernels(self.theta_d)
         if theta.device != x.device:
             theta = theta.to(x.device)
         scales = self.bank.scales
         if scales.device != x.device:
             scales = scales.to(x.device)
-        p = self.unilora_dropout if self.training else 0.0
-        seed = philox.new_seed() if p > 0 else None
-        shape = (ops.rows(x), self.in_features, self.out_features, self.r)
-        backend = backends.resolve(self.requested_backend(), x.device.type, shape)
-        u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hash_params, p, seed,
-                           backend)
+        u = self._update_args(x, theta, scales)
         if (self._fusable_base and not args and not kwargs and type(base.weight) in _PLAIN_TENSORS
                 and x.device == base.weight.device and not _has_hooks(base)):
             weight, bias = base.weight, base.bias
@@ -224,9 +218,7 @@ class UniLoRALinear(nn.Module):
                 bias = None if bias is None else bias.to(dtype)
             if x.dtype == weight.dtype:
                 return self._fused_linear(x, weight, bias, theta, u)
-        base_out = base(x, *args, **kwargs)
-        if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
-            raise ValueError(f"base layer returned shape {tuple(base_out.shape)} for input {tuple(x.shape)}")
+        base_out = self._base_out(x, args, kwargs)
         if torch.is_grad_enabled() and (base_out.requires_grad or theta.requires_grad or x.requires_grad):
             out, _ = torch.ops.unilora.add_update(base_out, x, *u)
             return out
@@ -235,6 +227,26 @@ class UniLoRALinear(nn.Module):
             return base_out
         out, _ = torch.ops.unilora.add_update(base_out, x, *u)
         return out
+
+    def _check_features(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
+
+    def _base_out(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """The base layer's output, checked to map (..., in) to (..., out)."""
+        base_out = self.base_layer(x, *args, **kwargs)
+        if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
+            raise ValueError(f"base layer returned shape {tuple(base_out.shape)} for input {tuple(x.shape)}")
+        return base_out
+
+    def _update_args(self, x: torch.Tensor, theta: torch.Tensor, scales: torch.Tensor) -> ops.UpdateArgs:
+        """The op arguments of this call: dropout and its seed in training, the backend for x's shape."""
+        p = self.unilora_dropout if self.training else 0.0
+        seed = philox.new_seed() if p > 0 else None
+        backend = backends.resolve(self.requested_backend(), x.device.type,
+                                   (ops.rows(x), self.in_features, self.out_features, self.r))
+        return ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hash_params,
+                              p, seed, backend)
 
     def _fused_linear(self, x, weight, bias, theta, u: ops.UpdateArgs) -> torch.Tensor:
         """Base GEMM and update in one op. Eager mode calls the op's bodies without the custom op's
@@ -253,24 +265,16 @@ class UniLoRALinear(nn.Module):
         if x.dim() < 2 or x.shape[0] != seq_adapter.shape[0]:
             raise ValueError(f"adapter_batch names {seq_adapter.shape[0]} sequences but {type(self).__name__} got an "
                              f"input of shape {tuple(x.shape)} (dimension 0 is the batch)")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
+        self._check_features(x)
         theta = self.theta_d
         table = adapter_table.table_for(self.bank, theta)
         theta = theta.to(device=x.device, dtype=table.dtype)
         table = table.to(x.device)
         scales = self.bank.scales.to(x.device)
         seq_adapter = seq_adapter.to(x.device)
-        base_out = self.base_layer(x, *args, **kwargs)
-        if base_out.shape[:-1] != x.shape[:-1] or base_out.shape[-1] != self.out_features:
-            raise ValueError(f"base layer returned shape {tuple(base_out.shape)} for input {tuple(x.shape)}")
+        base_out = self._base_out(x, args, kwargs)
         x = x.to(base_out.dtype)  # autocast: the update reads x as the base layer did
-        p = self.unilora_dropout if self.training else 0.0
-        seed = philox.new_seed() if p > 0 else None
-        backend = backends.resolve(self.requested_backend(), x.device.type,
-                                   (ops.rows(x), self.in_features, self.out_features, self.r))
-        u = ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hash_params, p,
-                           seed, backend)
+        u = self._update_args(x, theta, scales)
         if torch.compiler.is_compiling():
             return torch.ops.unilora.mixed_add_update(base_out, x, table, seq_adapter, *u)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, theta, table)):
