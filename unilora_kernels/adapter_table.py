@@ -102,17 +102,6 @@ class AdapterTable:
         """Adapter ``name``'s d-length vector (a view: the model's theta_d or a table row)."""
         return self.bank.theta_d if name == DEFAULT else self.table[self._row(name)]
 
-    def memory(self) -> dict:
-        """Bytes of the table and per adapter, beside a plain LoRA adapter of the same layers (fp32)."""
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return {
-            "adapters": len(self.names()),
-            "capacity": self.capacity,
-            "table_bytes": self.capacity * self.bank.d * itemsize,
-            "bytes_per_adapter": self.bank.d * itemsize,
-            "lora_bytes_per_adapter": self.bank.D * 4,
-        }
-
 
 def check_new_name(name, taken) -> None:
     if not isinstance(name, str) or not name:
@@ -165,6 +154,21 @@ def theta_of(bank, name: str) -> torch.Tensor:
     if bank.adapters is None:
         raise ValueError(f"unknown adapter {name!r}; adapters: [{DEFAULT!r}] (none added)")
     return bank.adapters.theta_of(name)
+
+
+def memory_of(bank) -> dict:
+    """Bytes of the adapter table and per adapter, beside a plain LoRA adapter (fp32 A and B) of the
+    same layers; before the first ``add_adapter``, per adapter is theta_d's own size."""
+    table = bank.adapters
+    itemsize = (bank.theta_d if table is None else torch.empty(0, dtype=table.dtype)).element_size()
+    capacity = 0 if table is None else table.capacity
+    return {
+        "adapters": 1 if table is None else len(table.names()),
+        "capacity": capacity,
+        "table_bytes": capacity * bank.d * itemsize,
+        "bytes_per_adapter": bank.d * itemsize,
+        "lora_bytes_per_adapter": bank.D * 4,
+    }
 
 
 def table_for(bank, theta: torch.Tensor) -> torch.Tensor:

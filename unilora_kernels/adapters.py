@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .adapter_table import DEFAULT, check_new_name, sequence_ids, table_of, theta_of
+from .adapter_table import DEFAULT, check_new_name, memory_of, sequence_ids, table_of, theta_of
 from .config import UniLoRAConfig, read_adapter_config
 from .model import find_bank, iter_layers
 from .peft_io import check_same_adapter, checked_theta, read_adapter_tensors, split_keys
@@ -85,13 +85,7 @@ def adapter_names(model: nn.Module) -> list:
 
 def adapter_memory(model: nn.Module) -> dict:
     """Bytes of the adapter table and per adapter, beside plain LoRA's (fp32 A and B) for the same layers."""
-    bank = find_bank(model)
-    table = table_of(bank)
-    if table is None:
-        item = bank.theta_d.element_size()
-        return {"adapters": 1, "capacity": 0, "table_bytes": 0, "bytes_per_adapter": bank.d * item,
-                "lora_bytes_per_adapter": bank.D * 4}
-    return table.memory()
+    return memory_of(find_bank(model))
 
 
 def adapter_theta(model: nn.Module, name: str = DEFAULT) -> torch.Tensor:
