@@ -234,6 +234,12 @@ def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, theta_
         raise ValueError(device_unavailable_reason("triton", dev.type) or f"unsupported device {dev}")
 
 
+def _check_grad_output(g2d: torch.Tensor, M: int, N: int) -> None:
+    _check_dtype(g2d, "grad_output")
+    if tuple(g2d.shape) != (M, N):
+        raise ValueError(f"grad_output must be ({M}, {N}), got {tuple(g2d.shape)}")
+
+
 def _check_inplace(t: torch.Tensor, shape: tuple, what: str) -> None:
     _check_dtype(t, what)
     if tuple(t.shape) != shape:
@@ -363,9 +369,7 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
     _check(x2d, theta, proj)
     M, K = x2d.shape
     N, R = proj.out_features, proj.r
-    _check_dtype(g2d, "grad_output")
-    if tuple(g2d.shape) != (M, N):
-        raise ValueError(f"grad_output must be ({M}, {N}), got {tuple(g2d.shape)}")
+    _check_grad_output(g2d, M, N)
     dev = x2d.device
     d = theta.shape[0]
     grad_theta = torch.zeros(d, dtype=torch.float32, device=dev) if need_theta else None
@@ -668,9 +672,7 @@ def mixed_backward(g2d, x2d, theta, table, seq_adapter, proj: LayerProjection, p
     _check_mixed(x2d, theta, table, seq_adapter, proj)
     M, K = x2d.shape
     N, R = proj.out_features, proj.r
-    _check_dtype(g2d, "grad_output")
-    if tuple(g2d.shape) != (M, N):
-        raise ValueError(f"grad_output must be ({M}, {N}), got {tuple(g2d.shape)}")
+    _check_grad_output(g2d, M, N)
     dev = x2d.device
     d = theta.shape[0]
     grad_x = torch.empty((M, K), dtype=x2d.dtype, device=dev) if need_x else None
