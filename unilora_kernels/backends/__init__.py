@@ -21,6 +21,20 @@ read into the compute dtype). One call per layer, no loop over adapters on the h
   -> (grad_x, grad_theta, grad_table)``: the update's own gradients (grad_x in x's dtype, zero on
   base rows; grad_theta and grad_table in theirs), None for what was not asked.
 
+Seeds. ``seed`` is None (no dropout) or a one-element int64 tensor, on the device of x or on
+the CPU; a backend reads its value where the kernels run (a kernel loads it through a pointer),
+never on the host of a GPU call, so forward and backward stay sync-free and a CUDA-graph replay
+reads the seed that the captured ``torch.randint`` drew for that replay. A Python int is accepted
+too (tests) and converted.
+
+Plans (the hot path). ``UniLoRALinear`` builds one ``PlanSpec`` per (device, dtype, grad mode,
+training, row bucket) on first use and keeps what the backend makes of it; a backend that
+implements ``make_plan(spec)`` returns an object with ``forward_(out, x, theta, seed) -> h`` and
+``backward(g, x, theta, seed, h, grad_x, need_x, need_theta) -> (grad_x, grad_theta)``: the
+primitives above with the projection, dropout, configs and every static check fixed when the
+plan was built. Per call the plan only checks what it cannot know in advance; the caller
+guarantees x is (M, in) with unit-stride rows, ``row_bucket(M) == spec.rows``, out/g of x's dtype.
+
 ``auto`` resolves per device type, once, so results never change behind the user's back: CUDA
 tensors -> triton (and, for decode-sized calls, the compiled cuda kernels when both exist: see
 ``resolve``), else cuda, else reference; CPU tensors -> cpu (the compiled extension), else
@@ -59,6 +73,28 @@ class LayerProjection(NamedTuple):
     @property
     def is_hashed(self) -> bool:
         return bool(self.hash_params)
+
+
+class PlanSpec(NamedTuple):
+    """The static part of a layer call, what a backend plan (``make_plan``) is built for."""
+
+    proj: LayerProjection  # indices and scales already on ``device``
+    device: torch.device
+    x_dtype: torch.dtype  # activations; out, grad_out and grad_x share it
+    theta_dtype: torch.dtype
+    dropout_p: float
+    rows: int  # ``row_bucket(M)`` of the calls the plan serves (M <= rows, except in the last bucket)
+    deterministic: bool  # policy.deterministic() when the plan was built
+
+
+ROW_BUCKET_MIN = 16
+ROW_BUCKET_MAX = 1 << 14
+
+
+def row_bucket(M: int) -> int:
+    """The plan bucket of a call with M rows: the next power of two, clamped to [16, 2^14]
+    (calls above 2^14 rows share the last bucket)."""
+    return min(max(ROW_BUCKET_MIN, 1 << max(0, M - 1).bit_length()), ROW_BUCKET_MAX)
 
 
 @dataclass(frozen=True)
