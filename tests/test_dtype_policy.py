@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import unilora_kernels as uk
-from unilora_kernels import ops
+from unilora_kernels import UniLoRALinear, ops
 
 from conftest import tiny_llama
 
@@ -93,16 +93,18 @@ def test_cpu_autocast_training_takes_the_fused_path(monkeypatch, base_dtype):
     add_update), and the loss and theta's gradient are within bf16 tolerance of fp32 training."""
     model = _injected(base_dtype)
     ref = copy.deepcopy(model).float()
-    fused, unfused = [], []
-    real_train, real_add = ops.linear_train, torch.ops.unilora.add_update
-    monkeypatch.setattr(ops, "linear_train", lambda *a, **k: fused.append(1) or real_train(*a, **k))
-    monkeypatch.setattr(torch.ops.unilora, "add_update", lambda *a, **k: unfused.append(1) or real_add(*a, **k))
+    calls, unfused = [], []
+    real_forward, real_base, real_general = (UniLoRALinear.forward, UniLoRALinear._base_out,
+                                             UniLoRALinear._forward_general)
+    monkeypatch.setattr(UniLoRALinear, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    monkeypatch.setattr(UniLoRALinear, "_base_out", lambda *a, **k: unfused.append(1) or real_base(*a, **k))
+    monkeypatch.setattr(UniLoRALinear, "_forward_general", lambda *a, **k: unfused.append(1) or real_general(*a, **k))
     ids = torch.randint(0, 61, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _loss(model, ids)
     loss.backward()
     n_layers = len(uk.iter_layers(model))
-    assert len(fused) == n_layers and not unfused
+    assert len(calls) == n_layers and not unfused  # every layer call took the plan's fused path
     ref_loss = _loss(ref, ids)
     ref_loss.backward()
     assert _rel(loss, ref_loss) < BF16_TOL

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from . import adapter_table, backends, ops, philox
-from .backends import policy
-from .bank import UniLoRABank, init_theta
+from .backends import PlanSpec, policy, row_bucket
+from .bank import THETA_NAME, UniLoRABank, init_theta
+from .plan import LayerPlan, PlanLinear, PlanUpdate
 from .config import UniLoRAConfig, requested_backend
 
 try:  # GPT-2 style layers store the weight as (in, out)
@@ -48,12 +49,12 @@ def _conv1d_layout(base: nn.Module) -> bool:
     return Conv1D is not None and isinstance(base, Conv1D)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    from torch.nn.modules import module as _m
+from torch.nn.modules import module as _torch_module
 
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
-    )
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks)
 
 
 class UniLoRALinear(nn.Module):
@@ -105,6 +106,7 @@ class UniLoRALinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.r = config.r
         self.offset = offset
+        self._plans: dict = {}  # plan key -> LayerPlan (plan.py); dropped by clear_plans()
         self.unilora_dropout = float(config.unilora_dropout)
         self.backend = config.backend
         self.merged = False
@@ -123,6 +125,60 @@ class UniLoRALinear(nn.Module):
         self.register_buffer("unilora_indices_B", idx_b, persistent=persistent)
         if bank.owner is self:
             bank.release_table()
+
+    # -- plans ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = name
+        self.clear_plans()
+
+    @property
+    def unilora_dropout(self) -> float:
+        return self._dropout
+
+    @unilora_dropout.setter
+    def unilora_dropout(self, p: float) -> None:
+        self._dropout = float(p)
+        self.clear_plans()
+
+    def clear_plans(self) -> None:
+        """Forget the cached plans: the next call re-resolves the backend and re-reads the knobs
+        (UNILORA_BACKEND, UNILORA_DETERMINISTIC, the Triton schedule and autotune knobs)."""
+        self.__dict__["_plans"] = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_plans()  # .to() / .half() / .cuda(): indices and scales move, dtypes change
+        return super()._apply(fn, *args, **kwargs)
+
+    def _build_plan(self, key: tuple, x: torch.Tensor) -> Optional[LayerPlan]:
+        """The plan of calls with this key, or None when such a call takes the general path."""
+        device, x_dtype, _grad, training, cast, det, bucket = key
+        theta = policy.theta_for_kernels(self.theta_d)
+        if theta.device != device or self.unilora_indices_A.device != device:
+            return None
+        base = self.base_layer
+        weight = getattr(base, "weight", None)
+        if cast is not None and not (self._fusable_base and torch.float64 not in (x_dtype, getattr(weight, "dtype", None))):
+            return None  # autocast around a base that is not fused: the general path casts as autocast does
+        p = self.unilora_dropout if training else 0.0
+        backend = backends.resolve(self.requested_backend(), device.type,
+                                   (bucket, self.in_features, self.out_features, self.r))
+        proj = self.projection(device)
+        dtype = x_dtype if cast is None else cast
+        # The static checks of every call, once: what the public ops check, on a probe of the call's shape.
+        probe = torch.empty((1, self.in_features), dtype=dtype, device=device)
+        seed = torch.zeros(1, dtype=torch.int64) if p > 0 else None
+        ops.check_inputs(probe, self.out_features, ops.UpdateArgs(
+            theta, proj.scales, proj.idx_a, proj.idx_b, self.r, list(proj.hash_params), p, seed, backend))
+        spec = PlanSpec(proj, device, dtype, theta.dtype, p, bucket, policy.deterministic())
+        impl = backends.get_backend(backend, device.type)
+        plan = LayerPlan(backend, spec, compiled_linear=hasattr(impl, "linear_autograd"), cast=cast)
+        self._plans[key] = plan
+        return plan
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -193,14 +249,77 @@ class UniLoRALinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.base_layer
-        if self.bank.batch is not None and self.adapter_enabled:
-            return self._mixed_forward(x, self.bank.batch, args, kwargs)
+        bank = self.bank
+        if bank.batch is not None and self.adapter_enabled:
+            return self._mixed_forward(x, bank.batch, args, kwargs)
         if self.merged or not self.adapter_enabled:
             if self.merged and torch.is_grad_enabled() and self.theta_d.requires_grad and self.training:
                 warnings.warn("UniLoRALinear is merged: theta_d gets no gradient until unmerge()", stacklevel=2)
-            return base(x, *args, **kwargs)
-        self._check_features(x)
+            return self.base_layer(x, *args, **kwargs)
+        in_f = self.in_features
+        if x.shape[-1] != in_f:
+            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {in_f}")
+        if torch.compiler.is_compiling():
+            return self._forward_general(x, args, kwargs)
+        # The hot path (plan.py): one dict lookup, the seed, one call each way.
+        M = x.numel() // in_f
+        device = x.device
+        grad = torch.is_grad_enabled()
+        cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (device, x.dtype, grad, self.training, cast, torch.are_deterministic_algorithms_enabled(),
+               row_bucket(M))
+        plan = self._plans.get(key)
+        if plan is None and (M == 0 or (plan := self._build_plan(key, x)) is None):
+            return self._forward_general(x, args, kwargs)
+        theta = bank.owner._parameters[THETA_NAME]
+        if theta.dtype not in policy.THETA_DTYPES:
+            theta = theta.float()  # policy.theta_for_kernels: a cast model's theta is read in fp32
+        if theta.device != device:
+            return self._forward_general(x, args, kwargs)
+        seed = philox.new_seed(device) if plan.p else None
+        base = self.base_layer
+        if self._fusable_base and not args and not kwargs and not (
+                base._forward_hooks or base._forward_pre_hooks or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks):
+            weight, bias = base.weight, base.bias
+            if type(weight) in _PLAIN_TENSORS and weight.device == device:
+                if plan.cast is not None:
+                    x, weight = x.to(plan.cast), weight.to(plan.cast)
+                    bias = None if bias is None else bias.to(plan.cast)
+                if x.dtype == weight.dtype:
+                    x2d = x.reshape(-1, in_f)
+                    if plan.c_train is not None:  # cpu / cuda: one C++ call each way
+                        if grad:
+                            out = plan.c_train(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed, plan.det)
+                        else:
+                            out = plan.c_infer(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed)[0]
+                        return out.view(*x.shape[:-1], self.out_features)
+                    if grad:
+                        return PlanLinear.apply(x, weight, bias, theta, seed, plan, self._weight_t)
+                    if x2d.stride(-1) != 1:
+                        x2d = x2d.contiguous()
+                    out = ops.base_linear(x2d, weight, bias, self._weight_t)
+                    plan.update.forward_(out, x2d, theta, seed)
+                    return out.view(*x.shape[:-1], self.out_features)
+        if plan.cast is not None:
+            return self._forward_general(x, args, kwargs)
+        base_out = self._base_out(x, args, kwargs)
+        if base_out.dtype != x.dtype:
+            return self._update_general(base_out, x, theta)
+        if grad and (base_out.requires_grad or theta.requires_grad or x.requires_grad):
+            return PlanUpdate.apply(base_out, x, theta, seed, plan)
+        x2d = x.reshape(-1, in_f)
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        if not (_owns_storage(base_out, x) and base_out.is_contiguous()):
+            base_out = base_out.clone(memory_format=torch.contiguous_format)
+        plan.update.forward_(base_out.view(-1, self.out_features), x2d, theta, seed)
+        return base_out
+
+    def _forward_general(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """Every call the plans do not serve: torch.compile (custom ops), empty inputs, theta on
+        another device, autocast around a base that is not fused. The same kernels, built per call."""
+        base = self.base_layer
         theta = policy.theta_for_kernels(self.theta_d)
         if theta.device != x.device:
             theta = theta.to(x.device)
@@ -218,7 +337,13 @@ class UniLoRALinear(nn.Module):
                 bias = None if bias is None else bias.to(dtype)
             if x.dtype == weight.dtype:
                 return self._fused_linear(x, weight, bias, theta, u)
-        base_out = self._base_out(x, args, kwargs)
+        return self._update_general(self._base_out(x, args, kwargs), x, theta, u)
+
+    def _update_general(self, base_out: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, u=None) -> torch.Tensor:
+        """``base_out`` plus the update through the custom ops (``unilora::add_update(_)``)."""
+        if u is None:
+            theta = theta.to(x.device)
+            u = self._update_args(x, theta, self.bank.scales.to(x.device))
         if torch.is_grad_enabled() and (base_out.requires_grad or theta.requires_grad or x.requires_grad):
             out, _ = torch.ops.unilora.add_update(base_out, x, *u)
             return out
@@ -242,7 +367,7 @@ class UniLoRALinear(nn.Module):
     def _update_args(self, x: torch.Tensor, theta: torch.Tensor, scales: torch.Tensor) -> ops.UpdateArgs:
         """The op arguments of this call: dropout and its seed in training, the backend for x's shape."""
         p = self.unilora_dropout if self.training else 0.0
-        seed = philox.new_seed() if p > 0 else None
+        seed = philox.new_seed(x.device) if p > 0 else None
         backend = backends.resolve(self.requested_backend(), x.device.type,
                                    (ops.rows(x), self.in_features, self.out_features, self.r))
         return ops.UpdateArgs(theta, scales, self.unilora_indices_A, self.unilora_indices_B, self.r, self._hash_params,
@@ -252,10 +377,14 @@ class UniLoRALinear(nn.Module):
         """Base GEMM and update in one op. Eager mode calls the op's bodies without the custom op's
         Python dispatch, which costs as much as a decode step (docs/PERF.md); torch.compile traces
         the custom op."""
-        if torch.compiler.is_compiling():
+        impl = backends.get_backend(u.backend, x.device.type)
+        if hasattr(impl, "linear_autograd") and x.numel() > 0:
+            # cpu / cuda: the C++ autograd op, eager and compiled alike (torch.compile traces its fake kernel)
+            out2d = impl.linear_autograd(x.reshape(-1, x.shape[-1]), weight, bias, self._weight_t, theta,
+                                         u.projection(x.shape[-1], self.out_features), u.dropout_p, u.seed)
+            return out2d.view(*x.shape[:-1], self.out_features)
+        if torch.compiler.is_compiling() or _needs_grad(x, theta, weight, bias):
             return torch.ops.unilora.linear(x, weight, bias, self._weight_t, *u)[0]
-        if _needs_grad(x, theta, weight, bias):
-            return ops.linear_train(x, weight, bias, self._weight_t, u)
         return ops.linear_forward(x, weight, bias, self._weight_t, *u)[0]
 
     def _mixed_forward(self, x: torch.Tensor, seq_adapter: torch.Tensor, args, kwargs) -> torch.Tensor:

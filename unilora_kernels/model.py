@@ -242,3 +242,11 @@ def unmerge(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
     return model
+
+
+def clear_plans(model: nn.Module) -> nn.Module:
+    """Drop every layer's cached call plans (plan.py): the next call re-resolves backends and
+    re-reads the environment knobs (UNILORA_BACKEND, UNILORA_DETERMINISTIC, the Triton knobs)."""
+    for _, layer in iter_layers(model):
+        layer.clear_plans()
+    return model

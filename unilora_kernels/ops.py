@@ -50,9 +50,6 @@ class UpdateArgs(NamedTuple):
         return LayerProjection(self.idx_a, self.idx_b, self.scales, self.r, in_features, out_features,
                                tuple(self.hash_params))
 
-    def seed_value(self) -> Optional[int]:
-        return policy.seed_value(self.dropout_p, self.seed)
-
 
 UPDATE_SCHEMA = ("Tensor theta_d, Tensor scales, Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float dropout_p, "
                  "Tensor? seed, str backend")
@@ -71,7 +68,7 @@ def h_dtype(x: Tensor, theta: Tensor) -> torch.dtype:
     return policy.compute_dtype(x.dtype, theta.dtype)
 
 
-def _base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bool) -> Tensor:
+def base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bool) -> Tensor:
     """Exactly what ``nn.Linear`` (or transformers' ``Conv1D`` when weight_t) computes."""
     if not weight_t:
         return F.linear(x, weight, bias)
@@ -96,7 +93,7 @@ def _forward_into(out: Tensor, x: Tensor, u: UpdateArgs) -> Tensor:
     impl = backends.get_backend(u.backend, x.device.type)
     with autocast_disabled(x.device.type):
         return impl.forward_(out.view(-1, out_f), x2d, u.theta_d, u.projection(x.shape[-1], out_f), u.dropout_p,
-                             u.seed_value())
+                             u.seed)
 
 
 def _out_features(weight: Tensor, weight_t: bool) -> int:
@@ -133,9 +130,9 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: 
         out_f = _out_features(weight, weight_t)
         with autocast_disabled(x.device.type):
             out2d, h = impl.linear(x2d, weight, bias, weight_t, u.theta_d, u.projection(x.shape[-1], out_f),
-                                   u.dropout_p, u.seed_value())
+                                   u.dropout_p, u.seed)
         return out2d.view(*x.shape[:-1], out_f), h
-    out = _base_linear(x, weight, bias, weight_t).contiguous()
+    out = base_linear(x, weight, bias, weight_t).contiguous()
     return out, _forward_into(out, x, u)
 
 
@@ -189,8 +186,7 @@ def _(out, x, *update):
 # --------------------------------------------------------------------------------------------
 def backward_body(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], weight_t: bool, *rest) -> tuple[Tensor, Tensor]:
     """The body of ``unilora::backward``: (grad_x, grad_theta); an output that was not asked for
-    is an empty tensor. ``rest`` is ``<update>, h, need_grad_x, need_grad_theta``. Called directly
-    by the eager autograd path (``LinearFunction``).
+    is an empty tensor. ``rest`` is ``<update>, h, need_grad_x, need_grad_theta``.
 
     With ``weight`` (the fused linear op), grad_x starts as the frozen base's ``g W`` and the
     adapter's ``(g B) A`` is added into it in place.
@@ -209,7 +205,7 @@ def backward_body(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], weight_
     if fused and (need_grad_x or need_grad_theta):
         with autocast_disabled(x.device.type):
             grad_x2d, grad_theta = impl.linear_backward(
-                g2d, x2d, weight, weight_t, u.theta_d, u.projection(in_f, out_f), u.dropout_p, u.seed_value(), h,
+                g2d, x2d, weight, weight_t, u.theta_d, u.projection(in_f, out_f), u.dropout_p, u.seed, h,
                 need_grad_x, need_grad_theta)
     elif x2d.shape[0] == 0:
         if need_grad_x and grad_x2d is None:
@@ -219,7 +215,7 @@ def backward_body(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], weight_
     elif need_grad_x or need_grad_theta:
         with autocast_disabled(x.device.type):
             grad_x2d, grad_theta = impl.backward(
-                g2d, x2d, u.theta_d, u.projection(in_f, out_f), u.dropout_p, u.seed_value(), h, grad_x2d,
+                g2d, x2d, u.theta_d, u.projection(in_f, out_f), u.dropout_p, u.seed, h, grad_x2d,
                 need_grad_x, need_grad_theta)
     grad_x = grad_x2d.view(x.shape) if need_grad_x else x.new_empty(0)
     if not need_grad_theta:
@@ -281,7 +277,6 @@ def _setup_linear(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     _save_update(ctx, x, weight, UpdateArgs(*update), output[1])
     ctx.weight_t = weight_t
-    ctx.backward_fn = torch.ops.unilora.backward  # traceable: torch.compile sees one opaque op
 
 
 def _backward_linear(ctx, grad_out, _grad_h):
@@ -290,7 +285,7 @@ def _backward_linear(ctx, grad_out, _grad_h):
     need_x, need_w, need_b, need_theta = (ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
     grad_x = grad_theta = grad_w = grad_b = None
     if need_x or need_theta:
-        grad_x, grad_theta = ctx.backward_fn(grad_out, x, weight, weight_t, *u, h, need_x, need_theta)
+        grad_x, grad_theta = torch.ops.unilora.backward(grad_out, x, weight, weight_t, *u, h, need_x, need_theta)
     if need_w or need_b:
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         if need_w:
@@ -303,37 +298,6 @@ def _backward_linear(ctx, grad_out, _grad_h):
 
 
 _linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
-
-
-class LinearFunction(torch.autograd.Function):
-    """``unilora::linear`` with its autograd, for eager mode: the same forward and backward bodies
-    without the custom ops' Python dispatch and autograd wrapper (docs/PERF.md: host cost per
-    call). Under torch.compile the custom op is traced instead. Returns (out, h)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, weight_t, *update):
-        out, h = linear_forward(x, weight, bias, weight_t, *update)
-        _setup_linear(ctx, (x, weight, bias, weight_t, *update), (out, h))
-        ctx.backward_fn = backward_body
-        return out, h
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_h):
-        return _backward_linear(ctx, grad_out, grad_h)
-
-
-def linear_train(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_t: bool, u: UpdateArgs) -> Tensor:
-    """Eager training of the fused linear: the backend's C++ autograd where it has one on this device
-    (``unilora_C::linear_autograd``, one C++ call each way), else ``LinearFunction``."""
-    impl = backends.get_backend(u.backend, x.device.type)
-    # C++ autograd on CPU only: on CUDA tensors linear_autograd has not run on a GPU yet
-    # (tests/test_extension_cuda.py keeps its gpu test ready).
-    if x.device.type == "cpu" and hasattr(impl, "linear_autograd") and x.numel() > 0:
-        out_f = _out_features(weight, weight_t)
-        out2d = impl.linear_autograd(x.reshape(-1, x.shape[-1]), weight, bias, weight_t, u.theta_d,
-                                     u.projection(x.shape[-1], out_f), u.dropout_p, u.seed_value())
-        return out2d.view(*x.shape[:-1], out_f)
-    return LinearFunction.apply(x, weight, bias, weight_t, *u)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +430,7 @@ def _mixed_into(out: Tensor, x: Tensor, table: Tensor, seq_adapter: Tensor, u: U
     impl = backends.get_backend(u.backend, x.device.type)
     with autocast_disabled(x.device.type):
         impl.mixed_forward_(out.view(-1, out_f), x2d, u.theta_d, table, seq_adapter,
-                            u.projection(x.shape[-1], out_f), u.dropout_p, u.seed_value())
+                            u.projection(x.shape[-1], out_f), u.dropout_p, u.seed)
 
 
 def mixed_add_update_body(base_out: Tensor, x: Tensor, table: Tensor, seq_adapter: Tensor, *update) -> Tensor:
@@ -518,7 +482,7 @@ def mixed_backward_body(grad_out: Tensor, x: Tensor, table: Tensor, seq_adapter:
         impl = backends.get_backend(u.backend, x.device.type)
         with autocast_disabled(x.device.type):
             grad_x, grad_theta, grad_table = impl.mixed_backward(
-                g2d, x2d, u.theta_d, table, seq_adapter, u.projection(in_f, out_f), u.dropout_p, u.seed_value(),
+                g2d, x2d, u.theta_d, table, seq_adapter, u.projection(in_f, out_f), u.dropout_p, u.seed,
                 need_x, need_theta)
     grad_x = grad_x.view(x.shape) if need_x else x.new_empty(0)
     if not need_theta:

@@ -46,8 +46,9 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
     return c0, c1, c2, c3
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.randint(seed, offsets)`` for int64 offsets, as uint32 values in an int64 tensor."""
+def philox_randint(seed, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, offsets)`` for int64 offsets, as uint32 values in an int64 tensor; ``seed``
+    an int or a one-element int64 tensor on the offsets' device (read there, never on the host)."""
     offsets = offsets.to(torch.int64)
     c0 = offsets & MASK32
     c1 = (offsets >> 32) & MASK32
@@ -72,13 +73,14 @@ def keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def dropout_keep(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+def dropout_keep(seed, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Boolean keep-mask of shape (rows, cols) for flattened input rows."""
     offsets = torch.arange(rows * cols, device=device, dtype=torch.int64)
     keep = fold31(philox_randint(seed, offsets)) >= keep_threshold(p)
     return keep.view(rows, cols)
 
 
-def new_seed() -> torch.Tensor:
-    """A fresh dropout seed from torch's default generator (traceable by torch.compile)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+def new_seed(device=None) -> torch.Tensor:
+    """A fresh dropout seed, drawn on ``device`` from its default generator: no host read, and
+    under CUDA-graph capture each replay draws a new one (traceable by torch.compile)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

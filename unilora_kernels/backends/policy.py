@@ -8,8 +8,6 @@ The C++ build takes ``DECODE_MAX_M`` and ``DECODE_MAX_R`` from this file too (``
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 import torch
 
 # Activations (x, outputs, gradients) any backend accepts; theta_d is fp32 (fp64 for gradcheck).
@@ -60,12 +58,3 @@ def deterministic() -> bool:
     """No float atomics in backward (a fixed summation order): ``torch.use_deterministic_algorithms``
     or ``UNILORA_DETERMINISTIC``."""
     return torch.are_deterministic_algorithms_enabled() or env_flag("UNILORA_DETERMINISTIC", False)
-
-
-def seed_value(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[int]:
-    """The host integer of a one-element int64 dropout seed tensor; None when nothing is dropped."""
-    if dropout_p <= 0.0:
-        return None
-    if seed is None:
-        raise ValueError("dropout_p > 0 needs a seed tensor (unilora_kernels.philox.new_seed())")
-    return int(seed.reshape(-1)[0].item())

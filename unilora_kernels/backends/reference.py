@@ -55,10 +55,18 @@ def lora_matrices(theta: torch.Tensor, proj: LayerProjection, dtype=None):
     return A, B
 
 
+def _keep(seed, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout keep-mask of x's rows, computed on x's device from the seed (an int or a
+    one-element tensor, read there: no host read)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(-1)[:1].to(x.device)
+    return philox.dropout_keep(seed, x.shape[0], x.shape[1], p, device=x.device)
+
+
 def _dropped(x: torch.Tensor, p: float, seed, dtype) -> torch.Tensor:
     xd = x.to(dtype)
     if p > 0:
-        keep = philox.dropout_keep(seed, x.shape[0], x.shape[1], p, device=x.device)
+        keep = _keep(seed, x, p)
         xd = xd * keep * philox.keep_scale(p)
     return xd
 
@@ -89,7 +97,7 @@ def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need
     if need_x:
         if p > 0:
             t = gB @ A
-            t.mul_(philox.dropout_keep(seed, x.shape[0], x.shape[1], p, device=x.device)).mul_(philox.keep_scale(p))
+            t.mul_(_keep(seed, x, p)).mul_(philox.keep_scale(p))
             grad_x = t.to(x.dtype) if grad_x is None else grad_x.add_(t)
         elif grad_x is None:
             grad_x = (gB @ A).to(x.dtype)
@@ -146,7 +154,7 @@ def mixed_backward(g, x, theta, table, seq_adapter, proj: LayerProjection, p: fl
     if need_x:
         t = torch.einsum("mr,mrk->mk", gB, A[slot])
         if p > 0:
-            t = t * philox.dropout_keep(seed, x.shape[0], x.shape[1], p, device=x.device) * philox.keep_scale(p)
+            t = t * _keep(seed, x, p) * philox.keep_scale(p)
         grad_x = t.to(x.dtype)
     if need_theta:
         xd = _dropped(x, p, seed, cd)
