@@ -16,7 +16,6 @@ timed; the run exits non-zero if any Uni-LoRA candidate disagrees.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
@@ -31,7 +30,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler (memory measureme
 import torch  # noqa: E402
 
 from candidates import ALL_NAMES, is_selected, layer_candidate_names, model_candidate_names, select  # noqa: E402
-from common import device_slug, environment, keep_freed_memory, progress  # noqa: E402
+from common import device_slug, environment, keep_freed_memory, progress, write_csv  # noqa: E402
 from layer_bench import build_candidates, run_config  # noqa: E402
 from model_bench import run_model_bench  # noqa: E402
 
@@ -174,14 +173,6 @@ def print_table(rows, out=sys.stdout):
                     cells.append(f"{fmt_ms(r['median_ms']):>9} ({rb:5.2f}x, {rn:5.2f}x)"
                                  if rb is not None and rn is not None else f"{fmt_ms(r['median_ms']):>26}")
             print(f"{M:>6} " + " ".join(cells), file=out)
-
-
-def write_csv(path, rows, columns):
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in columns})
 
 
 def plot(rows, model_rows, out_dir, title) -> list:
