@@ -105,17 +105,18 @@ def uncounted_code() -> frozenset:
     return frozenset(keys)
 
 
-def count_package_calls(fn, where: str | None = None, exclude=None) -> int:
+def count_package_calls(fn, where: str | None = None, exclude=None, tally=None) -> int:
     """Python calls (``sys.setprofile`` 'call' events) into code under the directory ``where``
     (default: the installed unilora_kernels package) while ``fn()`` runs, not counting the code
-    ``exclude`` names as (file, function name) pairs (default: ``uncounted_code()``).
+    ``exclude`` names as (file, function name) pairs (default: ``uncounted_code()``). ``tally``
+    (a ``collections.Counter``) gets one count per call under ``"path/in/where.py:function"``.
 
     Only this thread's calls count: CPU tensors run their backward in the calling thread (CUDA
     ones on an autograd device thread, which this would miss).
     """
     root = os.path.realpath(where or package_dir()) + os.sep
     skip = uncounted_code() if exclude is None else frozenset(exclude)
-    counted = {}  # code object -> whether its calls count
+    site = {}  # code object -> "file:function" when its calls count, else ""
     n = 0
 
     def profile(frame, event, arg):
@@ -123,11 +124,14 @@ def count_package_calls(fn, where: str | None = None, exclude=None) -> int:
         if event != "call":
             return
         code = frame.f_code
-        yes = counted.get(code)
-        if yes is None:
-            key = _code_key(code)
-            yes = counted[code] = key[0].startswith(root) and key not in skip
-        n += yes
+        where_ = site.get(code)
+        if where_ is None:
+            path, name = key = _code_key(code)
+            where_ = site[code] = f"{path[len(root):]}:{name}" if path.startswith(root) and key not in skip else ""
+        if where_:
+            n += 1
+            if tally is not None:
+                tally[where_] += 1
 
     old = sys.getprofile()
     sys.setprofile(profile)

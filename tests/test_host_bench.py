@@ -1,6 +1,7 @@
 """benchmarks/host_bench.py: its call counter counts exactly what it says, and a quick run writes
 every host figure (host.csv, the printed table, run.py's main job)."""
 
+import collections
 import contextlib
 import csv
 import importlib.util
@@ -67,7 +68,9 @@ def test_the_call_counter_counts_a_known_functions_calls_exactly(tmp_path):
 
     before = sys.getprofile()
     count = host_bench.count_package_calls
-    assert count(lambda: mod.run(5, outside), where=str(pkg), exclude=()) == 1 + 5 * 3 + 5
+    tally = collections.Counter()
+    assert count(lambda: mod.run(5, outside), where=str(pkg), exclude=(), tally=tally) == 1 + 5 * 3 + 5
+    assert tally == {"mod.py:run": 1, "mod.py:__init__": 5, "mod.py:get": 5, "mod.py:leaf": 10}
     # an excluded function is not counted (its callers still are)
     leaf = (os.path.realpath(pkg / "mod.py"), "leaf")
     assert count(lambda: mod.run(5, outside), where=str(pkg), exclude={leaf}) == 1 + 5 * 2
