@@ -362,8 +362,9 @@ def _cells(r) -> list:
 
 
 HEAD = ["figure", "candidate", "shape", "M", "median us", "p20..p80 us", "overhead us", "ratio", "calls"]
-TITLE = (f"host: one layer training step on the CPU (x requires grad; forward, sum, backward), r={R}; "
-         "medians of interleaved rounds; overhead over the frozen base step")
+WHAT = (f"one layer training step on the CPU (x requires grad; forward, sum, backward), r={R}; "
+        "medians of interleaved rounds; overhead over the frozen base step")
+TITLE = f"host: {WHAT}"
 
 
 def print_host_table(rows, out=None) -> None:
@@ -381,7 +382,7 @@ def summary_lines(rows) -> list:
     """The host figures as a markdown section (run.py's summary.md)."""
     if not rows:
         return []
-    lines = ["## Host cost of a layer training step", "", TITLE[len("host: "):].capitalize() + ".", "",
+    lines = ["## Host cost of a layer training step", "", f"{WHAT[0].upper()}{WHAT[1:]}.", "",
              "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return lines + [""]
