@@ -124,14 +124,14 @@ def count_package_calls(fn, where: str | None = None, exclude=None, tally=None) 
         if event != "call":
             return
         code = frame.f_code
-        where_ = site.get(code)
-        if where_ is None:
+        label = site.get(code)
+        if label is None:
             path, name = key = _code_key(code)
-            where_ = site[code] = f"{path[len(root):]}:{name}" if path.startswith(root) and key not in skip else ""
-        if where_:
+            label = site[code] = f"{path[len(root):]}:{name}" if path.startswith(root) and key not in skip else ""
+        if label:
             n += 1
             if tally is not None:
-                tally[where_] += 1
+                tally[label] += 1
 
     old = sys.getprofile()
     sys.setprofile(profile)
@@ -391,7 +391,9 @@ def summary_lines(rows) -> list:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="shorter timing rounds")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all this process may use)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all this process may use; on a machine busy with other work, "
+                        "1 keeps the stalls of waiting for a descheduled OpenMP thread out of the figures)")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds of timing per candidate and figure (default 1, 0.25 with --quick)")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/partial/: "
