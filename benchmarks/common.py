@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import platform
 import re
@@ -90,6 +91,15 @@ def keep_freed_memory() -> str:
     return "glibc, M_TRIM_THRESHOLD=2 GiB, M_MMAP_THRESHOLD=32 MiB"
 
 
+def write_csv(path, rows, columns):
+    """``rows`` (dicts) as a CSV of ``columns``; a missing key is an empty cell."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in columns})
+
+
 # ------------------------------------------------------------------ timing -------------------
 @dataclass
 class Timing:
@@ -106,6 +116,14 @@ def paired_ratio(a: Timing, b: Timing) -> float:
     if a.rounds and b.rounds and len(a.rounds) == len(b.rounds):
         return statistics.median(x / y for x, y in zip(a.rounds, b.rounds))
     return a.median_ms / b.median_ms
+
+
+def paired_difference_ms(a: Timing, b: Timing) -> float:
+    """a's time minus b's (ms per call): the median of per-round differences when both were timed in
+    the same rounds (as ``paired_ratio``), else the difference of medians."""
+    if a.rounds and b.rounds and len(a.rounds) == len(b.rounds):
+        return statistics.median(x - y for x, y in zip(a.rounds, b.rounds)) * 1e3
+    return a.median_ms - b.median_ms
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timing:

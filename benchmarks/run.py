@@ -5,18 +5,19 @@
     python benchmarks/run.py --quick                  # a minute or two: one shape, three batch sizes
     python benchmarks/run.py --candidates base naive unilora[cpu]   # time only these
     python benchmarks/run.py --out DIR                # results go to DIR
+    python benchmarks/run.py --no-model --no-host     # the layer benchmark alone
 
-Writes layer.csv, model.csv, env.json, summary.md and PNG plots (with matplotlib), and prints a
-table. A full run writes to benchmarks/results/<device>/; a partial one (--quick, --candidates,
---shapes, ...) to benchmarks/results/<device>/partial/, so it never replaces a full run's files.
-Every candidate's output (and gradients) are checked against the naive projection before it is
-timed; the run exits non-zero if any Uni-LoRA candidate disagrees.
+Writes layer.csv, model.csv, host.csv (the host cost of a layer step: host_bench.py), env.json,
+summary.md and PNG plots (with matplotlib), and prints a table. A full run writes to
+benchmarks/results/<device>/; a partial one (--quick, --candidates, --shapes, ...) to
+benchmarks/results/<device>/partial/, so it never replaces a full run's files. Every candidate's
+output (and gradients) are checked against the naive projection (host figures: against the float64
+reference backend) before it is timed; the run exits non-zero if any Uni-LoRA candidate disagrees.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
@@ -31,7 +32,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler (memory measureme
 import torch  # noqa: E402
 
 from candidates import ALL_NAMES, is_selected, layer_candidate_names, model_candidate_names, select  # noqa: E402
-from common import device_slug, environment, keep_freed_memory, progress  # noqa: E402
+from common import device_slug, environment, keep_freed_memory, progress, write_csv  # noqa: E402
+from host_bench import HOST_COLUMNS, print_host_table, run_host_bench, summary_lines  # noqa: E402
 from layer_bench import build_candidates, run_config  # noqa: E402
 from model_bench import run_model_bench  # noqa: E402
 
@@ -49,7 +51,7 @@ MODEL_COLUMNS = [
     "largest_alloc_bytes", "peak_mem_bytes",
 ]
 # Options that make a run cover less than the full plan; such a run is "partial".
-PARTIAL_OPTIONS = ("quick", "tiny", "candidates", "shapes", "ds", "ms", "modes", "no_model")
+PARTIAL_OPTIONS = ("quick", "tiny", "candidates", "shapes", "ds", "ms", "modes", "no_model", "no_host")
 PLOTS_HINT = "no plots: matplotlib is not installed (pip install matplotlib, or the bench extra: pip install '.[bench]')"
 
 
@@ -70,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=4)
     p.add_argument("--modes", default=None, help="inference,training (the default: both)")
     p.add_argument("--no-model", action="store_true", help="skip the model benchmark")
+    p.add_argument("--no-host", action="store_true",
+                   help="skip the host-cost benchmark (host_bench.py; --candidates skips it too: its candidates "
+                        "are fixed)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-layer memory measurements")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
     p.add_argument("--time-budget", type=float, default=None,
@@ -176,14 +181,6 @@ def print_table(rows, out=sys.stdout):
             print(f"{M:>6} " + " ".join(cells), file=out)
 
 
-def write_csv(path, rows, columns):
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in columns})
-
-
 def plot(rows, model_rows, out_dir, title) -> list:
     import matplotlib
 
@@ -256,7 +253,7 @@ def headline(rows) -> list:
     return lines
 
 
-def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv):
+def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv, host_rows=()):
     lines = [
         f"# Benchmark results: {env['device']}",
         "",
@@ -298,6 +295,7 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv)
                 f"{r.get('speedup_vs_peft_unilora', float('nan')):.2f}x | {r['saved_bytes'] / 2**20:.1f} | "
                 f"{'-' if peak is None else f'{peak / 2**20:.0f}'} |")
         lines.append("")
+    lines += summary_lines(host_rows)
     if skipped:
         lines += ["## Skipped", "", *[f"- {s}" for s in skipped], ""]
     lines += ["## Plots", "", *([f"![{f}]({f})" for f in files] if files else [PLOTS_HINT.capitalize() + "."]), ""]
@@ -341,6 +339,9 @@ def main(argv=None) -> int:
                                                ("x naive", selected & {"naive", "peft-unilora"})) if not there]
         if unmeasured:
             print(f"note: no {' or '.join(unmeasured)} ratios: the candidate they divide by is not timed")
+        if not args.no_host:
+            print("note: no host figures: their candidates are fixed "
+                  "(run them alone: python -P benchmarks/host_bench.py)")
     partial = partial_options(args)
     print(f"results go to {out_dir}" + (f" (a partial run: {' '.join(partial)})" if partial else ""))
     plots = matplotlib_available()
@@ -373,6 +374,13 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     model_rows = run_model_bench(device, dtype, args.quick, args.tiny, bar, selected) if model_names else []
     bar.close()
+    host_rows = []
+    if not args.no_host and selected is None:
+        host_rows, host_skipped = run_host_bench(args.quick, args.min_time, use_cuda or args.system_malloc)
+        skipped += host_skipped
+        for s in host_skipped:
+            print(f"skipped: {s}")
+        write_csv(os.path.join(out_dir, "host.csv"), host_rows, HOST_COLUMNS)
     for r in rows + model_rows:
         r.update(device=env["device"], dtype=str(dtype).replace("torch.", ""))
     write_csv(os.path.join(out_dir, "layer.csv"), rows, LAYER_COLUMNS)
@@ -382,19 +390,22 @@ def main(argv=None) -> int:
                    "skipped": skipped}, fh, indent=1)
     title = f"{env['device']} | torch {env['torch']} | {started:%Y-%m-%d}"
     files = plot(rows, model_rows, out_dir, title) if plots else []
-    write_summary(out_dir, env, rows, model_rows, skipped, files, started, run_argv)
+    write_summary(out_dir, env, rows, model_rows, skipped, files, started, run_argv, host_rows)
     print_table(rows)
+    print_host_table(host_rows)
     for r in model_rows:
         tps = f"{r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else "WRONG: not timed"
         print(f"model {r['candidate']:>20}: {fmt_ms(r.get('median_ms'))} ms/step, {tps} ({r['check']})")
-    wrong = [r for r in rows + model_rows if not r["correct"]]
-    print(f"\n{len(rows)} layer rows, {len(model_rows)} model rows in {time.perf_counter() - t0:.0f}s; "
+    wrong = [r for r in rows + model_rows + host_rows if not r["correct"]]
+    print(f"\n{len(rows)} layer rows, {len(model_rows)} model rows, {len(host_rows)} host rows in "
+          f"{time.perf_counter() - t0:.0f}s; "
           f"results in {out_dir}")
     if not plots:
         print(PLOTS_HINT)
     if wrong:
         for r in wrong:
-            print(f"WRONG RESULT: {r['candidate']} {r.get('mode', 'model')} M={r.get('M', '')}: {r['check']}")
+            print(f"WRONG RESULT: {r['candidate']} {r.get('mode', r.get('figure', 'model'))} M={r.get('M', '')}: "
+                  f"{r['check']}")
         return 1
     return 0
 
