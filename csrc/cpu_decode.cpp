@@ -15,7 +15,7 @@ namespace unilora {
 namespace cpu {
 namespace {
 
-constexpr int64_t kSmallGrain = 2048;  // layer elements per thread below which waking one costs more
+constexpr int64_t kSmallGrain = 16384;  // layer elements per thread below which waking one costs more
 constexpr int64_t kLanes = 4;          // independent partial sums per row in partial_h
 
 // (theta_d index, scale) of element i of the flattened [A | B]; an out-of-range uniform index
@@ -237,6 +237,70 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
     default: decode_linear_rows<4>(x, w, bp, theta, pj, out); break;
   }
   return out;
+}
+
+// The fused linear's backward at M <= kSmallM rows (fp32, no dropout): a pass over B for
+// gB = g B, one over A for grad_x += gB A, h = x A^T and dA, one over B for dB, each element's
+// theta index looked up once per pass and its gradient added serially (deterministic). Below a
+// handful of rows the gathered-buffer + BLAS path costs more in fixed work than the math.
+bool use_decode_backward(int64_t M, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                         const at::Tensor& theta, const Dropout& dr) {
+  const auto f32 = at::kFloat;
+  return M >= 1 && M <= kSmallM && !dr.active && g.scalar_type() == f32 && x.scalar_type() == f32 &&
+         w.scalar_type() == f32 && theta.scalar_type() == f32 && x.stride(1) == 1 && g.stride(1) == 1;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                                   bool weight_t, const at::Tensor& theta, const Projection& pj,
+                                                   bool need_x, bool need_theta) {
+  const int64_t M = x.size(0), in_f = pj.in_f, out_f = pj.out_f, r = pj.r, na = pj.numel_a();
+  const int64_t ldx = x.stride(0), ldg = g.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const float* th = theta.data_ptr<float>();
+  const Lookup lookup(pj);
+  bool bad = false;
+  at::Tensor gx = need_x ? at::mm(g, weight_t ? w.t() : w) : at::empty({0}, x.options());
+  at::Tensor gt = need_theta ? at::zeros({pj.d}, theta.options()) : at::empty({0}, theta.options());
+  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
+  float* gtp = need_theta ? gt.data_ptr<float>() : nullptr;
+  std::vector<double> gb(static_cast<size_t>(M * r), 0.0), h(static_cast<size_t>(M * r), 0.0);
+  for (int64_t n = 0; n < out_f; ++n) {  // gB[m, i] = sum_n g[m, n] B[n, i]
+    for (int64_t i = 0; i < r; ++i) {
+      float s;
+      const int64_t j = lookup(na + n * r + i, &s, &bad);
+      const double b = double(th[j]) * double(s);
+      for (int64_t m = 0; m < M; ++m) gb[m * r + i] += double(gp[m * ldg + n]) * b;
+    }
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t k = 0; k < in_f; ++k) {
+      float s;
+      const int64_t j = lookup(i * in_f + k, &s, &bad);
+      const double a = double(th[j]) * double(s);
+      double da = 0.0;
+      for (int64_t m = 0; m < M; ++m) {
+        const double xv = xp[m * ldx + k];
+        if (need_x) gxp[m * in_f + k] += float(gb[m * r + i] * a);
+        h[m * r + i] += xv * a;
+        da += gb[m * r + i] * xv;
+      }
+      if (need_theta) gtp[j] += float(da * double(s));
+    }
+  }
+  if (need_theta) {
+    for (int64_t n = 0; n < out_f; ++n) {  // dB[n, i] = sum_m g[m, n] h[m, i]
+      for (int64_t i = 0; i < r; ++i) {
+        float s;
+        const int64_t j = lookup(na + n * r + i, &s, &bad);
+        double db = 0.0;
+        for (int64_t m = 0; m < M; ++m) db += double(gp[m * ldg + n]) * h[m * r + i];
+        gtp[j] += float(db * double(s));
+      }
+    }
+  }
+  check_index_range(bad, pj.d);
+  return {gx, gt};
 }
 
 }  // namespace cpu

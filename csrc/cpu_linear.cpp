@@ -41,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, cons
   using namespace cpu;
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), g.scalar_type()});
   const int64_t M = x.size(0);
+  if (use_decode_backward(M, g, x, w, theta, dr)) return decode_backward(g, x, w, weight_t, theta, pj, need_x, need_theta);
   const bool fold = need_x && g.scalar_type() == cd && fold_into_weight(M, x, w, cd, dr, pj);
   const bool adapter_x = need_x && !fold;
   const bool adapter = M > 0 && (adapter_x || need_theta);
