@@ -125,15 +125,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _splits(n_other: int, n_reduce: int, n_sm: int) -> int:
-    """Split a reduction of ``n_reduce`` tiles so about two waves of programs run."""
+    """Split a reduction of ``n_reduce`` tiles so about two waves of programs run.
+
+    (TritonPlan writes this rule inline, with n_other >= 1: its hot path makes no call for it.)"""
     return max(1, min(_cdiv(2 * n_sm, max(1, n_other)), n_reduce))
 
 
 DET_MAX_SPLITS = 8  # deterministic mode: partial buffers are splits x layer size
-
-
-def _det_splits(m_tiles: int) -> int:
-    return max(1, min(m_tiles, DET_MAX_SPLITS))
 
 
 def _m_bucket(M: int) -> int:
@@ -457,7 +455,7 @@ class TritonPlan:
     def _shrink(self, sl, static: dict, x, theta, seed, M: int, K: int) -> torch.Tensor:
         """y = drop(x) W^T (M x r, fp32) by ``shrink_kernel``: h in forward, gB in backward."""
         m_tiles = -(-M // sl.blocks["BLOCK_M"])
-        # split-K into about two waves of programs (fp32 atomics into a zeroed y); none when det
+        # split-K (_splits: fp32 atomics into a zeroed y); none when det
         splits = 1 if self.det else max(1, min(-(-2 * self.n_sm // m_tiles), -(-K // sl.blocks["BLOCK_K"])))
         y = (torch.zeros if splits > 1 else torch.empty)((M, self.R), dtype=torch.float32, device=self.device)
         run(sl, (m_tiles, splits), dict(static, x_ptr=x, y_ptr=y, M=M, stride_xm=x.stride(0) if M > 1 else K,
@@ -498,8 +496,6 @@ class TritonPlan:
             saved = grad_x2d.clone() if accum and need_x else None
             self._tune(combo, [self.gb, bx] + ([self.db] if need_theta else []), lambda: self.backward(
                 g2d, x2d, theta, seed, h, grad_x2d if accum else None, need_x, need_theta), grad_x2d, saved)
-            if not accum and need_x:
-                grad_x2d.zero_()  # every candidate overwrote the fresh grad_x: it is rewritten below
         det = self.det
         n_sm = self.n_sm
 
@@ -514,7 +510,7 @@ class TritonPlan:
         if not need_theta:
             grid = (k_tiles, m_tiles)  # no reduction over M: one row tile per program
         else:
-            grid = (k_tiles, splits_det if det else max(1, min(-(-2 * n_sm // k_tiles), m_tiles)))
+            grid = (k_tiles, splits_det if det else max(1, min(-(-2 * n_sm // k_tiles), m_tiles)))  # _splits
         run(bx, grid, dict(self.bx_args, gb_ptr=gb, x_ptr=x2d, gx_ptr=grad_x2d if need_x else None,
                            gt_ptr=grad_theta, part_ptr=part, M=M, stride_xm=x2d.stride(0) if M > 1 else K,
                            stride_gxm=(grad_x2d.stride(0) if M > 1 else K) if need_x else 0, theta_ptr=theta, d=d,
@@ -524,7 +520,8 @@ class TritonPlan:
 
         db = self.db
         n_tiles = -(-N // db.blocks["BLOCK_N"])
-        grid = (n_tiles, splits_det if det else max(1, min(-(-2 * n_sm // n_tiles), -(-M // db.blocks["BLOCK_M"]))))
+        m_tiles = -(-M // db.blocks["BLOCK_M"])
+        grid = (n_tiles, splits_det if det else max(1, min(-(-2 * n_sm // n_tiles), m_tiles)))  # _splits
         run(db, grid, dict(self.db_args, g_ptr=g2d, h_ptr=h, gt_ptr=grad_theta, part_ptr=part, M=M,
                            stride_gm=g2d.stride(0) if M > 1 else N, d=d))
         if det:
