@@ -99,6 +99,8 @@ setup(
     # Triton sources live at the top level but install inside the package: a PyPI project
     # already owns the top-level name `triton_kernels`.
     package_dir={"unilora_kernels.triton_kernels": "triton_kernels"},
+    # per-device launch configs as data (backends/triton_launch.py, configs_for_device)
+    package_data={"unilora_kernels.triton_kernels": ["configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -6,7 +6,9 @@
 * ``lora_index`` / ``lora_scale`` / ``lora_values`` read elements of a layer's A or B straight
   from theta_d: ``theta_d[j] * s_j`` with ``j`` the int32 index (uniform projection) or the
   hash of the global position (hashed projection). Nothing of size A, B or D is ever built.
-* ``dropout_keep`` is ``philox.dropout_keep``: ``fold31(tl.randint(seed, m * in + k)) >= threshold``.
+* ``dropout_keep`` is ``philox.dropout_keep``: ``fold31(tl.randint(seed, m * in + k)) >= threshold``,
+  with the int64 seed loaded from ``seed_ptr`` on the device (no host read, so a CUDA-graph
+  replay draws the seed its capture's ``torch.randint`` wrote).
 * ``split_tiles`` / ``add_into``: the row split of the backward reductions and the in-place
   ``out += delta`` that ends both forward schedules.
 
@@ -35,9 +37,9 @@ if _P.FEISTEL_ROUNDS != 4:  # the helper below unrolls exactly four rounds
 PERM_SCALARS = ("perm_D", "perm_half", "perm_mask", "perm_k0", "perm_k1", "perm_k2", "perm_k3")
 
 # Scalars a kernel must never specialise on: a value of 1 would turn them into constexprs (the
-# helpers call ``.to`` on them) and the seed changes on every call. ``perm_base*`` is the global
+# helpers call ``.to`` on them). ``perm_base*`` is the global
 # position in [0, D) of an operand's element 0 (A or B).
-NOSPEC = ("d", "perm_base", "perm_base_a", "perm_base_b") + PERM_SCALARS + ("seed", "threshold", "M_BUCKET")
+NOSPEC = ("d", "perm_base", "perm_base_a", "perm_base_b") + PERM_SCALARS + ("threshold", "M_BUCKET")
 
 
 def kernel(fn):
@@ -171,8 +173,10 @@ def scatter_grad(gt_ptr, vals, pos, mask, scale_ptr, idx_ptr, perm_base, d, perm
 # dropout and the tensor-core dot
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def dropout_keep(seed, rows, cols, n_cols, threshold):
-    """Keep-mask of elements (rows[:, None], cols[None, :]) of a flattened (M, n_cols) input."""
+def dropout_keep(seed_ptr, rows, cols, n_cols, threshold):
+    """Keep-mask of elements (rows[:, None], cols[None, :]) of a flattened (M, n_cols) input;
+    ``seed_ptr`` points at the one-element int64 seed."""
+    seed = tl.load(seed_ptr)
     offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     r = tl.randint(seed, offs).to(tl.int32, bitcast=True)
     r = tl.where(r < 0, ~r, r)

@@ -59,7 +59,7 @@ def bwd_x_kernel(
     gb_ptr, x_ptr, gx_ptr, gt_ptr, part_ptr, theta_ptr, scale_ptr, idx_ptr,
     M, K, R, stride_xm, stride_gxm, n_layer,
     d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
-    seed, threshold, drop_scale, M_BUCKET,
+    seed_ptr, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, NC: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     NEED_X: tl.constexpr, NEED_THETA: tl.constexpr, ACCUM: tl.constexpr, DET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -103,7 +103,7 @@ def bwd_x_kernel(
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         mk_mask = (rm < M)[:, None] & k_mask[None, :]
         if DROPOUT:
-            keep = dropout_keep(seed, rm, rk, K, threshold)
+            keep = dropout_keep(seed_ptr, rm, rk, K, threshold)
         if NEED_THETA:
             xv = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :], mask=mk_mask, other=0.0)
             if DROPOUT:

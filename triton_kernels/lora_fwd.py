@@ -72,7 +72,7 @@ def fused_fwd_kernel(
     x_ptr, out_ptr, h_ptr, theta_ptr, scale_ptr, idx_a_ptr, idx_b_ptr,
     M, K, N, R, stride_xm, stride_om,
     d, perm_D, perm_base_a, perm_base_b, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
-    seed, threshold, drop_scale, M_BUCKET,
+    seed_ptr, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, NC: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -96,7 +96,7 @@ def fused_fwd_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & (rk < K)[None, :], other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed, rm, rk, K, threshold)
+            keep = dropout_keep(seed_ptr, rm, rk, K, threshold)
             xv = tl.where(keep, xv.to(tl.float32) * drop_scale, 0.0)
         h0 = mma(xv, lora_tile(rc, rk, K, 1, R, K, theta_ptr, scale_ptr, idx_a_ptr, perm_base_a, d, perm,
                                HASHED, True), h0, LOWP, DT)
@@ -137,7 +137,7 @@ def shrink_kernel(
     x_ptr, y_ptr, theta_ptr, scale_ptr, idx_ptr,
     M, K, R, stride_xm, w_stride_r, w_stride_c,
     d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
-    seed, threshold, drop_scale, M_BUCKET,
+    seed_ptr, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -160,7 +160,7 @@ def shrink_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & (rk < K)[None, :], other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed, rm, rk, K, threshold)
+            keep = dropout_keep(seed_ptr, rm, rk, K, threshold)
             xv = tl.where(keep, xv.to(tl.float32) * drop_scale, 0.0)
         wt = lora_tile(rr, rk, w_stride_r, w_stride_c, R, K, theta_ptr, scale_ptr, idx_ptr, perm_base, d, perm,
                        HASHED, True)

@@ -149,7 +149,7 @@ def mixed_shrink_kernel(
     x_ptr, y_ptr, seq_ptr, theta_ptr, table_ptr, scale_ptr, idx_ptr,
     K, R, L, n_adapters, stride_xm, stride_tab, w_stride_r, w_stride_c,
     d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
-    seed, threshold, drop_scale, M_BUCKET,
+    seed_ptr, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -171,7 +171,7 @@ def mixed_shrink_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_rows + rk[None, :], mask=(m_mask & live)[:, None] & (rk < K)[None, :], other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed, rm, rk, K, threshold)
+            keep = dropout_keep(seed_ptr, rm, rk, K, threshold)
             xv = tl.where(keep, xv.to(tl.float32) * drop_scale, 0.0)
         wt = adapter_tile(rr, rk, w_stride_r, w_stride_c, R, K, a, live, theta_ptr, table_ptr, stride_tab,
                           scale_ptr, idx_ptr, perm_base, d, perm, HASHED, True)
@@ -190,7 +190,7 @@ def mixed_expand_kernel(
     y_ptr, out_ptr, seq_ptr, theta_ptr, table_ptr, scale_ptr, idx_ptr,
     N, R, L, n_adapters, stride_om, stride_tab, w_stride_r, w_stride_c,
     d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
-    seed, threshold, drop_scale, M_BUCKET,
+    seed_ptr, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, NC: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     ROWS: tl.constexpr, ACCUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -212,7 +212,7 @@ def mixed_expand_kernel(
                           scale_ptr, idx_ptr, perm_base, d, perm, HASHED, False)
         delta = mm(yv, wv, delta, not ROWS, LOWP, DT)
     if DROPOUT:
-        keep = dropout_keep(seed, rm, rn, N, threshold)
+        keep = dropout_keep(seed_ptr, rm, rn, N, threshold)
         delta = tl.where(keep, delta * drop_scale, 0.0)
     o_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     if ACCUM:
@@ -234,7 +234,7 @@ def seq_leader(seq_ptr, s, a, live, SCAN: tl.constexpr):
 
 
 @triton.jit
-def dw_rows(acc, u_ptr, v_ptr, s, t_lo, t_hi, L, C, R, rc, rr, stride_vm, seed, threshold, drop_scale,
+def dw_rows(acc, u_ptr, v_ptr, s, t_lo, t_hi, L, C, R, rc, rr, stride_vm, seed_ptr, threshold, drop_scale,
             DROPOUT: tl.constexpr, LOWP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
     """acc (RP, BLOCK_C) += u^T v' over row tiles [t_lo, t_hi) of sequence s."""
     DT: tl.constexpr = v_ptr.dtype.element_ty
@@ -245,7 +245,7 @@ def dw_rows(acc, u_ptr, v_ptr, s, t_lo, t_hi, L, C, R, rc, rr, stride_vm, seed, 
         vv = tl.load(v_ptr + rm.to(tl.int64)[:, None] * stride_vm + rc[None, :],
                      mask=m_mask[:, None] & (rc < C)[None, :], other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed, rm, rc, C, threshold)
+            keep = dropout_keep(seed_ptr, rm, rc, C, threshold)
             vv = tl.where(keep, vv.to(tl.float32) * drop_scale, 0.0)
         uv = tl.load(u_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_mask[:, None] & (rr < R)[None, :],
                      other=0.0)
@@ -258,7 +258,7 @@ def mixed_dw_kernel(
     u_ptr, v_ptr, gt_ptr, gtab_ptr, part_ptr, seq_ptr, scale_ptr, idx_ptr,
     C, R, L, S, n_adapters, splits, stride_vm, stride_gtab, w_stride_r, w_stride_c, n_layer, part_off,
     d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
-    seed, threshold, drop_scale, M_BUCKET,
+    seed_ptr, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr, ROWS: tl.constexpr,
     DET: tl.constexpr, BY_ID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -286,7 +286,7 @@ def mixed_dw_kernel(
         leader = seq_leader(seq_ptr, s, a, live, 128)
         for s2 in range(s, S):
             n_t = tl.where(leader & (tl.load(seq_ptr + s2) == a), per_seq, 0)
-            acc = dw_rows(acc, u_ptr, v_ptr, s2, 0, n_t, L, C, R, rc, rr, stride_vm, seed, threshold, drop_scale,
+            acc = dw_rows(acc, u_ptr, v_ptr, s2, 0, n_t, L, C, R, rc, rr, stride_vm, seed_ptr, threshold, drop_scale,
                           DROPOUT, LOWP, ROWS, BLOCK_M)
         slot = a if BY_ID else s
         tl.store(part_ptr + slot.to(tl.int64) * n_layer + part_off + pos, acc, mask=mask & leader)
@@ -295,7 +295,7 @@ def mixed_dw_kernel(
         t_lo = split * per
         t_hi = tl.minimum(t_lo + per, per_seq)
         t_hi = tl.where(live, t_hi, t_lo)  # base sequence: nothing to reduce
-        acc = dw_rows(acc, u_ptr, v_ptr, s, t_lo, t_hi, L, C, R, rc, rr, stride_vm, seed, threshold, drop_scale,
+        acc = dw_rows(acc, u_ptr, v_ptr, s, t_lo, t_hi, L, C, R, rc, rr, stride_vm, seed_ptr, threshold, drop_scale,
                       DROPOUT, LOWP, ROWS, BLOCK_M)
         perm = (perm_D, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3)
         mask = mask & live & (t_hi > t_lo)

@@ -2,8 +2,8 @@
 
     python -m unilora_kernels.compile_check --arch 80 --arch 90
 
-The launches come from the backend itself: ``triton_backend.forward_`` / ``backward`` /
-``lora_matrices`` run on CPU tensors of real layer sizes (4096 x 4096) inside
+The launches come from the backend itself: ``triton_backend.forward_`` / ``backward`` (which
+run the backend's plans) / ``lora_matrices`` run on CPU tensors of real layer sizes (4096 x 4096) inside
 ``triton_launch.record_launches()``, which records each kernel launch (arguments, constexprs,
 and the autotune configs that survive pruning) instead of running it. Each recorded launch is
 specialised exactly as Triton's launcher would (``native_specialize_impl``: int == 1 folded,
@@ -112,7 +112,8 @@ def record() -> list:
                 os.environ["UNILORA_TRITON_MIXED_SCHEDULE"] = "auto"
                 for dtype_name in DTYPES:
                     dtype = getattr(torch, dtype_name)
-                    seed = 0x1234_5678_9ABC if p > 0 else None
+                    # the seed as layers pass it: a one-element int64 tensor the kernels load (seed_ptr)
+                    seed = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64) if p > 0 else None
                     with triton_launch.record_launches() as rec:
                         for M, schedule in ((M_DECODE, "fused"), (M_PREFILL, "split")):
                             os.environ["UNILORA_TRITON_SCHEDULE"] = schedule

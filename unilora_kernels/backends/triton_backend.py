@@ -18,6 +18,12 @@ Mixed batches (one adapter per sequence: ``mixed_forward_`` / ``mixed_backward``
 a per-row schedule for short sequences (decode) and a segmented one, tiles of rows of one
 sequence on ``tl.dot``, for sequences of 16 rows or more (``mixed_schedule_for``).
 
+The hot path is a plan (``make_plan(spec)``, backends/__init__.py "Plans"): ``TritonPlan`` fixes
+the checks, schedule, constexprs and every kernel's config when it is built, so a call computes
+grids from M and launches, one package call per launch (``triton_launch.run``). The dropout seed
+is a one-element int64 tensor that the kernels load (``seed_ptr``): nothing is read on the host.
+The module functions ``forward_`` / ``backward`` check their arguments and run a cached plan.
+
 Nothing of length D is allocated, and the only d-length tensors are the returned gradients.
 Activations may be fp16, bf16 or fp32 (theta_d and every accumulation are fp32); float64 is
 refused with a TypeError (use ``backend="reference"`` for gradcheck). On CPU tensors the
@@ -26,7 +32,10 @@ Launching, autotuning and recording launches live in ``triton_launch``.
 
 Environment knobs: ``UNILORA_TRITON_SCHEDULE`` = auto | fused | split (force a forward
 schedule), ``UNILORA_TRITON_MIXED_SCHEDULE`` = auto | rows | segments (force a mixed-batch
-schedule), ``UNILORA_TRITON_AUTOTUNE`` (autotune on CUDA; default on), ``UNILORA_DETERMINISTIC``.
+schedule), ``UNILORA_TRITON_AUTOTUNE=1`` (opt in to timing the configs on CUDA; default off: the
+config data or the first config that applies), ``UNILORA_TRITON_CONFIGS`` (a config data file),
+``UNILORA_TRITON_TUNE_OUT`` (write tuned winners there), ``UNILORA_DETERMINISTIC``. A plan reads
+them when it is built.
 """
 
 from __future__ import annotations
@@ -37,9 +46,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import philox
-from . import LayerProjection, triton_csr
+from . import LayerProjection, PlanSpec, row_bucket, triton_csr
 from .policy import ACTIVATION_DTYPES, DECODE_MAX_M, DECODE_MAX_R, deterministic
-from .triton_launch import IMPORT_ERROR, INTERPRET, Launcher, autotune_on, large_tiles, recording, single_config
+from .triton_launch import (IMPORT_ERROR, INTERPRET, Launcher, Slot, autotune_on, bucket_key, configs_for_device,
+                            large_tiles, recording, run, single_config, tune_slots)
 
 if IMPORT_ERROR is None:
     from ..triton_kernels import index_math, lora_bwd, lora_fwd, mixed
@@ -115,15 +125,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _splits(n_other: int, n_reduce: int, n_sm: int) -> int:
-    """Split a reduction of ``n_reduce`` tiles so about two waves of programs run."""
+    """Split a reduction of ``n_reduce`` tiles so about two waves of programs run.
+
+    (TritonPlan writes this rule inline, with n_other >= 1: its hot path makes no call for it.)"""
     return max(1, min(_cdiv(2 * n_sm, max(1, n_other)), n_reduce))
 
 
 DET_MAX_SPLITS = 8  # deterministic mode: partial buffers are splits x layer size
-
-
-def _det_splits(m_tiles: int) -> int:
-    return max(1, min(m_tiles, DET_MAX_SPLITS))
 
 
 def _m_bucket(M: int) -> int:
@@ -183,65 +191,79 @@ if IMPORT_ERROR is None:
 # --------------------------------------------------------------------------------------------
 # argument checks and shared arguments
 # --------------------------------------------------------------------------------------------
-def _check_dtype(t: torch.Tensor, what: str) -> None:
-    if t.dtype == torch.float64:
+def _check_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype == torch.float64:
         raise TypeError(f"the triton backend computes in fp32 and does not take float64 {what}; "
                         "use backend='reference' for float64 (e.g. gradcheck)")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the triton backend takes float16/bfloat16/float32 {what}, got {t.dtype}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the triton backend takes float16/bfloat16/float32 {what}, got {dtype}")
 
 
-def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, theta_dtypes=(torch.float32,)) -> None:
-    if IMPORT_ERROR:
-        raise RuntimeError(IMPORT_ERROR)
-    _check_dtype(x2d, "activations")
-    if theta.dtype not in theta_dtypes or theta.dim() != 1:
-        if theta.dtype == torch.float64:
-            _check_dtype(theta, "theta_d")
+def _check_theta_dtype(dtype: torch.dtype, theta_dtypes: tuple, shape: tuple) -> None:
+    if dtype not in theta_dtypes or len(shape) != 1:
+        if dtype == torch.float64:
+            _check_dtype(dtype, "theta_d")
         names = "/".join(str(t).replace("torch.", "") for t in theta_dtypes)
-        raise TypeError(f"theta_d must be a 1-D {names} tensor, got {theta.dtype} {tuple(theta.shape)}")
-    if theta.stride(0) != 1:
-        raise ValueError("theta_d must be contiguous")
-    if x2d.dim() != 2 or x2d.shape[1] != proj.in_features:
-        raise ValueError(f"x must be (M, {proj.in_features}), got {tuple(x2d.shape)}")
+        raise TypeError(f"theta_d must be a 1-D {names} tensor, got {dtype} {shape}")
+
+
+def _check_proj(proj: LayerProjection, device: torch.device) -> None:
+    """The static checks of a layer's projection (what a plan checks once): rank range, index
+    tables, hashed parameters, scales, one device, and a device the kernels run on."""
     if not 1 <= proj.r <= DECODE_MAX_R:
         raise ValueError(f"the triton backend supports r from 1 to {DECODE_MAX_R}, got r = {proj.r}; "
                          "use backend='reference' or 'cuda' for larger ranks")
-    d = theta.shape[0]
     if proj.is_hashed:
         D, offset, _key = proj.hash_params
         if proj.scales.numel() != 2 or offset < 0 or offset + proj.r * (proj.in_features + proj.out_features) > D:
             raise ValueError(f"inconsistent hashed projection {proj.hash_params} with {proj.scales.numel()} scales")
-        if D >= 2**31 or d >= 2**31:
+        if D >= 2**31:
             raise ValueError("D and d must be below 2**31")
-        tensors = (x2d, theta, proj.scales)
+        tensors = (proj.scales,)
     else:
         for name, idx, shape in (("idx_a", proj.idx_a, (proj.r, proj.in_features)),
                                  ("idx_b", proj.idx_b, (proj.out_features, proj.r))):
             if idx.dtype != torch.int32 or tuple(idx.shape) != shape or not idx.is_contiguous():
                 raise ValueError(f"{name} must be a contiguous int32 {shape} tensor, got {idx.dtype} "
                                  f"{tuple(idx.shape)}")
-        if proj.scales.numel() != d:
-            raise ValueError(f"scales has {proj.scales.numel()} entries but theta_d has d = {d}")
-        tensors = (x2d, theta, proj.scales, proj.idx_a, proj.idx_b)
+        tensors = (proj.scales, proj.idx_a, proj.idx_b)
     if proj.scales.dtype != torch.float32 or not proj.scales.is_contiguous():
         raise TypeError("scales must be a contiguous float32 tensor")
-    devices = {t.device for t in tensors}
+    devices = {device} | {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    dev = x2d.device
-    if not recording() and (dev.type == "cpu" and not INTERPRET or dev.type not in ("cpu", "cuda")):
-        raise ValueError(device_unavailable_reason("triton", dev.type) or f"unsupported device {dev}")
+    if not recording() and (device.type == "cpu" and not INTERPRET or device.type not in ("cpu", "cuda")):
+        raise ValueError(device_unavailable_reason("triton", device.type) or f"unsupported device {device}")
+
+
+def _check(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, theta_dtypes=(torch.float32,)) -> None:
+    """Every check of a module-level call (a plan makes the static ones once, ``_check_proj``)."""
+    if IMPORT_ERROR:
+        raise RuntimeError(IMPORT_ERROR)
+    _check_dtype(x2d.dtype, "activations")
+    _check_theta_dtype(theta.dtype, theta_dtypes, tuple(theta.shape))
+    if theta.stride(0) != 1:
+        raise ValueError("theta_d must be contiguous")
+    if x2d.dim() != 2 or x2d.shape[1] != proj.in_features:
+        raise ValueError(f"x must be (M, {proj.in_features}), got {tuple(x2d.shape)}")
+    if theta.device != x2d.device:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, {x2d.device, theta.device}))}")
+    d = theta.shape[0]
+    if proj.is_hashed and d >= 2**31:
+        raise ValueError("D and d must be below 2**31")
+    if not proj.is_hashed and proj.scales.numel() != d:
+        raise ValueError(f"scales has {proj.scales.numel()} entries but theta_d has d = {d}")
+    _check_proj(proj, x2d.device)
 
 
 def _check_grad_output(g2d: torch.Tensor, M: int, N: int) -> None:
-    _check_dtype(g2d, "grad_output")
+    _check_dtype(g2d.dtype, "grad_output")
     if tuple(g2d.shape) != (M, N):
         raise ValueError(f"grad_output must be ({M}, {N}), got {tuple(g2d.shape)}")
 
 
 def _check_inplace(t: torch.Tensor, shape: tuple, what: str) -> None:
-    _check_dtype(t, what)
+    _check_dtype(t.dtype, what)
     if tuple(t.shape) != shape:
         raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
     if t.shape[1] > 1 and t.stride(1) != 1:
@@ -261,11 +283,12 @@ def _idx(t: torch.Tensor, proj: LayerProjection):
     return None if proj.is_hashed else t
 
 
-def _proj_args(theta: torch.Tensor, proj: LayerProjection) -> dict:
-    """theta / scale pointers and the hashed projection's ``perm_*`` scalars (None when uniform)."""
-    args = dict(theta_ptr=theta, scale_ptr=proj.scales, d=theta.shape[0])
+def _proj_args(proj: LayerProjection) -> dict:
+    """The scale pointer and the hashed projection's ``perm_*`` scalars (None when uniform);
+    a launch adds ``theta_ptr`` and ``d``."""
+    args = dict(scale_ptr=proj.scales)
     if proj.is_hashed:
-        args.update(index_math.hashed_args(proj.hash_params, theta.shape[0]))
+        args.update(index_math.hashed_args(proj.hash_params, 0))
     else:
         args.update(dict.fromkeys(index_math.PERM_SCALARS))
     return args
@@ -279,169 +302,311 @@ def _perm_bases(proj: LayerProjection) -> tuple:
     return off, off + proj.r * proj.in_features
 
 
-def _drop_args(p: float, seed) -> dict:
+def _drop_consts(p: float) -> dict:
+    """The dropout threshold and scale of the kernels (None without dropout)."""
     if p <= 0.0:
-        return dict(seed=None, threshold=None, drop_scale=None)
+        return dict(threshold=None, drop_scale=None)
+    # p == 1 keeps (almost) nothing with the int32-clamped threshold and scales by 0: exact zeros.
+    return dict(threshold=min(philox.keep_threshold(p), 2**31 - 1), drop_scale=philox.keep_scale(p))
+
+
+def _seed_arg(seed, device: torch.device) -> torch.Tensor:
+    """The seed as the one-element int64 tensor on ``device`` that the kernels load (backends/
+    __init__.py, "Seeds"); a Python int (tests) becomes one. Never read on the host."""
     if seed is None:
         raise ValueError("dropout p > 0 needs a seed")
-    # p == 1 keeps (almost) nothing with the int32-clamped threshold and scales by 0: exact zeros.
-    return dict(seed=int(seed), threshold=min(philox.keep_threshold(p), 2**31 - 1), drop_scale=philox.keep_scale(p))
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"the dropout seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+    return seed if seed.device == device else seed.to(device, non_blocking=True)
 
 
-class _CallSetup(NamedTuple):
-    """What every launch of one forward_ or backward call shares."""
-
-    RP: int  # rank padded to a power of two >= 16 (the tl.dot minimum)
-    det: bool  # deterministic mode: no split-K, no float atomics
-    tune: bool  # autotune (else each kernel's first applicable config)
-    drop: dict  # seed / threshold / drop_scale, all None without dropout
-    base_a: Optional[int]  # _perm_bases
-    base_b: Optional[int]
-    proj_args: dict  # _proj_args
+def _drop_args(p: float, seed, device: torch.device) -> dict:
+    """seed_ptr / threshold / drop_scale of one call (all None without dropout)."""
+    return dict(seed_ptr=_seed_arg(seed, device) if p > 0.0 else None, **_drop_consts(p))
 
 
-def _setup_call(theta: torch.Tensor, proj: LayerProjection, p: float, seed, device: torch.device) -> _CallSetup:
+# --------------------------------------------------------------------------------------------
+# plans: forward_ / backward with everything static fixed (backends/__init__.py, "Plans")
+# --------------------------------------------------------------------------------------------
+if row_bucket(DECODE_MAX_M) != DECODE_MAX_M:  # a plan's schedule is fixed per row bucket
+    raise ImportError(f"policy.DECODE_MAX_M = {DECODE_MAX_M} must be a row bucket (a power of two >= 16)")
+
+
+def _plan_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None and not INTERPRET:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class TritonPlan:
+    """The launches of one layer call with the projection, dropout, schedule and every kernel's
+    config fixed: per call only M, the pointers, the grids (integer arithmetic on M) and the
+    allocations of h, gB and grad_theta remain. ``forward_`` and ``backward`` have the semantics
+    of the module functions of the same names; the caller guarantees what the contract says
+    (x (M, in) with unit-stride rows, ``row_bucket(M) == spec.rows``, out/g of ``other_dtype``).
+    """
+
+    def __init__(self, spec: PlanSpec, other_dtype: torch.dtype, schedule: str, tune: bool):
+        if IMPORT_ERROR:
+            raise RuntimeError(IMPORT_ERROR)
+        proj = spec.proj
+        _check_dtype(spec.x_dtype, "activations")
+        _check_dtype(other_dtype, "outputs")
+        _check_theta_dtype(spec.theta_dtype, (torch.float32,), (0,))
+        dev = _plan_device(spec.device)
+        _check_proj(proj, dev)
+        if schedule not in ("fused", "split"):
+            raise ValueError(f"schedule must be fused or split, got {schedule!r}")
+        K, N, R, rows = proj.in_features, proj.out_features, proj.r, spec.rows
+        self.spec, self.proj, self.device = spec, proj, dev
+        self.K, self.N, self.R = K, N, R
+        self.det = det = spec.deterministic
+        self.tune = tune and not det
+        self.fused = schedule == "fused"
+        self.dropout = dropout = spec.dropout_p > 0
+        self.n_sm = _num_sms(dev)
+        self.n_layer = R * (K + N)
+        self.switch = dev.type == "cuda" and not INTERPRET and torch.cuda.device_count() > 1
+        RP = _rp(R)
+        lowp = _lowp(spec.x_dtype, other_dtype)
+        NC = _nc(RP, lowp)
+        hashed = proj.is_hashed
+        idx_a, idx_b = _idx(proj.idx_a, proj), _idx(proj.idx_b, proj)
+        base_a, base_b = _perm_bases(proj)
+        pa = _proj_args(proj)
+        drop = _drop_consts(spec.dropout_p)
+        nodrop = _drop_consts(0.0)
+        table = configs_for_device(dev)
+
+        def slot(launcher, meta, k, n):
+            return Slot(launcher, meta, bucket_key(rows, k, n, RP, spec.x_dtype), self.tune, table)
+
+        # Per kernel: its Slot and its static arguments (forward_ / backward add the per-call ones).
+        if self.fused:
+            self.fu = slot(FUSED, dict(RP=RP, HASHED=hashed, LOWP=lowp, NC=NC, DROPOUT=dropout,
+                                       BLOCK_M=FUSED_BLOCK_M), K, N)
+            self.fu_args = dict(idx_a_ptr=idx_a, idx_b_ptr=idx_b, K=K, N=N, R=R, perm_base_a=base_a,
+                                perm_base_b=base_b, M_BUCKET=rows, **pa, **drop)
+        else:
+            self.sh = slot(SHRINK, dict(RP=RP, HASHED=hashed, LOWP=lowp, DROPOUT=dropout), K, 0)
+            self.sh_args = dict(idx_ptr=idx_a, K=K, R=R, w_stride_r=K, w_stride_c=1, perm_base=base_a,
+                                M_BUCKET=rows, **pa, **drop)
+            self.ex = slot(EXPAND, dict(RP=RP, HASHED=hashed, LOWP=lowp, NC=NC), 0, N)
+            self.ex_args = dict(idx_ptr=idx_b, N=N, R=R, w_stride_r=1, w_stride_c=R, perm_base=base_b,
+                                M_BUCKET=rows, **pa)
+        # gB = g B (M, R) fp32: the shrink kernel with W = B^T (positions n * R + r), no dropout.
+        self.gb = slot(SHRINK, dict(RP=RP, HASHED=hashed, LOWP=lowp, DROPOUT=False), N, 0)
+        self.gb_args = dict(idx_ptr=idx_b, K=N, R=R, w_stride_r=1, w_stride_c=R, perm_base=base_b,
+                            M_BUCKET=rows, **pa, **nodrop)
+        # bwd_x per (need_x, need_theta, accumulate into grad_x): its constexprs
+        self.bx = {(nx, nt, acc): slot(BWD_X, dict(RP=RP, NC=NC, HASHED=hashed, DROPOUT=dropout, LOWP=lowp,
+                                                   NEED_X=nx, NEED_THETA=nt, ACCUM=acc, DET=det), K, 0)
+                   for nx, nt, acc in ((True, True, False), (True, True, True), (True, False, False),
+                                       (True, False, True), (False, True, False))}
+        self.bx_args = dict(idx_ptr=idx_a, K=K, R=R, n_layer=self.n_layer, perm_base=base_a, M_BUCKET=rows,
+                            **pa, **drop)
+        self.db = slot(BWD_DB, dict(RP=RP, HASHED=hashed, LOWP=lowp, DET=det), 0, N)
+        self.db_args = dict(idx_ptr=idx_b, N=N, R=R, n_a=R * K, n_layer=self.n_layer, perm_base=base_b,
+                            M_BUCKET=rows, **pa)
+        self.csr = slot(CSR_REDUCE, dict(HASHED=hashed), 0, 0) if det else None
+        self._csr = self._csr_tag = None
+        if det and not hashed and not recording():
+            # Build the CSR now (its build reads sizes on the host), not in a backward that may be
+            # captured; uniform scales stand in for theta_d: same d and device.
+            self._fresh_csr(proj.scales)
+        self._untuned = {"fwd"} | set(self.bx) if self.tune else set()
+
+    # ---------------------------------------------------------------- forward ---------------
+    def forward_(self, out2d, x2d, theta, seed):
+        """out2d += drop(x) A^T B^T in place; returns h = drop(x) A^T (M, r) fp32."""
+        M = x2d.shape[0]
+        dev = self.device
+        if M == 0:
+            return torch.empty((0, self.R), dtype=torch.float32, device=dev)
+        if self.dropout:
+            if type(seed) is not torch.Tensor or seed.device != dev or seed.dtype != torch.int64:
+                seed = _seed_arg(seed, dev)
+        else:
+            seed = None
+        if self.switch and torch.cuda.current_device() != dev.index:
+            with torch.cuda.device(dev.index):
+                return self.forward_(out2d, x2d, theta, seed)
+        if self._untuned and "fwd" in self._untuned and not recording():
+            self._tune("fwd", [self.fu] if self.fused else [self.sh, self.ex], lambda: self.forward_(
+                out2d, x2d, theta, seed), out2d)
+        N = self.N
+        d = theta.shape[0]
+        so = out2d.stride(0) if M > 1 else N
+        if self.fused:
+            fu = self.fu
+            h = torch.empty((M, self.R), dtype=torch.float32, device=dev)
+            run(fu, (-(-M // FUSED_BLOCK_M), -(-N // fu.blocks["BLOCK_N"])),
+                dict(self.fu_args, x_ptr=x2d, out_ptr=out2d, h_ptr=h, M=M, stride_xm=x2d.stride(0) if M > 1 else
+                     self.K, stride_om=so, theta_ptr=theta, d=d, seed_ptr=seed))
+            return h
+        h = self._shrink(self.sh, self.sh_args, x2d, theta, seed, M, self.K)
+        ex = self.ex
+        run(ex, (-(-M // ex.blocks["BLOCK_M"]), -(-N // ex.blocks["BLOCK_N"])),
+            dict(self.ex_args, h_ptr=h, out_ptr=out2d, M=M, stride_om=so, theta_ptr=theta, d=d))
+        return h
+
+    def _shrink(self, sl, static: dict, x, theta, seed, M: int, K: int) -> torch.Tensor:
+        """y = drop(x) W^T (M x r, fp32) by ``shrink_kernel``: h in forward, gB in backward."""
+        m_tiles = -(-M // sl.blocks["BLOCK_M"])
+        # split-K (_splits: fp32 atomics into a zeroed y); none when det
+        splits = 1 if self.det else max(1, min(-(-2 * self.n_sm // m_tiles), -(-K // sl.blocks["BLOCK_K"])))
+        y = (torch.zeros if splits > 1 else torch.empty)((M, self.R), dtype=torch.float32, device=self.device)
+        run(sl, (m_tiles, splits), dict(static, x_ptr=x, y_ptr=y, M=M, stride_xm=x.stride(0) if M > 1 else K,
+                                        theta_ptr=theta, d=theta.shape[0], seed_ptr=seed))
+        return y
+
+    # ---------------------------------------------------------------- backward --------------
+    def backward(self, g2d, x2d, theta, seed, h, grad_x2d, need_x: bool, need_theta: bool):
+        """(grad_x, grad_theta): grad_x gets ((g B) A) * mask (in place when given); one d-length grad_theta."""
+        M = x2d.shape[0]
+        K, N, R = self.K, self.N, self.R
+        dev = self.device
+        d = theta.shape[0]
+        grad_theta = torch.zeros(d, dtype=torch.float32, device=dev) if need_theta else None
+        accum = grad_x2d is not None
+        if need_x and not accum:
+            grad_x2d = torch.empty((M, K), dtype=x2d.dtype, device=dev)
+        if M == 0 or not (need_x or need_theta):
+            if need_x and not accum:
+                grad_x2d.zero_()
+            return (grad_x2d if need_x else None), grad_theta
+        if need_theta:
+            if h is None or h.dtype != torch.float32 or tuple(h.shape) != (M, R):
+                raise ValueError(f"backward needs the fp32 h = drop(x) A^T of shape ({M}, {R}) from forward_, got "
+                                 f"{None if h is None else (h.dtype, tuple(h.shape))}")
+            h = h.contiguous()
+        if self.dropout:
+            if type(seed) is not torch.Tensor or seed.device != dev or seed.dtype != torch.int64:
+                seed = _seed_arg(seed, dev)
+        else:
+            seed = None
+        if self.switch and torch.cuda.current_device() != dev.index:
+            with torch.cuda.device(dev.index):
+                return self.backward(g2d, x2d, theta, seed, h, grad_x2d if accum else None, need_x, need_theta)
+        combo = (need_x, need_theta, accum and need_x)
+        bx = self.bx[combo]
+        if self._untuned and combo in self._untuned and not recording():
+            saved = grad_x2d.clone() if accum and need_x else None
+            self._tune(combo, [self.gb, bx] + ([self.db] if need_theta else []), lambda: self.backward(
+                g2d, x2d, theta, seed, h, grad_x2d if accum else None, need_x, need_theta), grad_x2d, saved)
+        det = self.det
+        n_sm = self.n_sm
+
+        gb = self._shrink(self.gb, self.gb_args, g2d, theta, None, M, N)
+
+        k_tiles, m_tiles = -(-K // bx.blocks["BLOCK_K"]), -(-M // bx.blocks["BLOCK_M"])
+        part = splits_det = None
+        if det and need_theta:
+            # One split count for both kernels: they fill the two halves of the same partial buffer.
+            splits_det = max(1, min(m_tiles, -(-M // self.db.blocks["BLOCK_M"]), DET_MAX_SPLITS))
+            part = torch.empty((splits_det, self.n_layer), dtype=torch.float32, device=dev)
+        if not need_theta:
+            grid = (k_tiles, m_tiles)  # no reduction over M: one row tile per program
+        else:
+            grid = (k_tiles, splits_det if det else max(1, min(-(-2 * n_sm // k_tiles), m_tiles)))  # _splits
+        run(bx, grid, dict(self.bx_args, gb_ptr=gb, x_ptr=x2d, gx_ptr=grad_x2d if need_x else None,
+                           gt_ptr=grad_theta, part_ptr=part, M=M, stride_xm=x2d.stride(0) if M > 1 else K,
+                           stride_gxm=(grad_x2d.stride(0) if M > 1 else K) if need_x else 0, theta_ptr=theta, d=d,
+                           seed_ptr=seed))
+        if not need_theta:
+            return grad_x2d, None
+
+        db = self.db
+        n_tiles = -(-N // db.blocks["BLOCK_N"])
+        m_tiles = -(-M // db.blocks["BLOCK_M"])
+        grid = (n_tiles, splits_det if det else max(1, min(-(-2 * n_sm // n_tiles), m_tiles)))  # _splits
+        run(db, grid, dict(self.db_args, g_ptr=g2d, h_ptr=h, gt_ptr=grad_theta, part_ptr=part, M=M,
+                           stride_gm=g2d.stride(0) if M > 1 else N, d=d))
+        if det:
+            csr = self._csr
+            if csr is None or self._csr_tag != self._tag(d):
+                csr = self._fresh_csr(theta)
+            run(self.csr, (-(-csr.U // self.csr.blocks["BLOCK"]),),
+                dict(part_ptr=part, gt_ptr=grad_theta, scale_ptr=self.proj.scales, rows_ptr=csr.rows,
+                     rowptr_ptr=csr.rowptr, cols_ptr=csr.cols, U=csr.U, splits=splits_det, n_layer=self.n_layer,
+                     max_len=csr.max_len, d=d, perm_D=self.db_args["perm_D"]))
+        return (grad_x2d if need_x else None), grad_theta
+
+    def _fresh_csr(self, theta) -> triton_csr.CSR:
+        """The layer's CSR (``csr_of``), kept with what it was built for: d and the index tables'
+        versions (a write to a table invalidates it)."""
+        csr = csr_of(theta, self.proj)
+        if not recording():
+            self._csr, self._csr_tag = csr, self._tag(theta.shape[0])
+        return csr
+
+    def _tag(self, d: int) -> tuple:
+        return d, triton_csr.version(self.proj.idx_a), triton_csr.version(self.proj.idx_b)
+
+    # ---------------------------------------------------------------- tuning ----------------
+    def _tune(self, what, slots, call, buf, saved=None) -> None:
+        """Opt-in autotuning (``UNILORA_TRITON_AUTOTUNE=1``) on the first real call: time each
+        candidate config of ``slots`` on this call's buffers (``buf`` restored around every
+        run), keep the fastest (``triton_launch.tune_slots``)."""
+        self._untuned.discard(what)
+        if buf is not None and saved is None:
+            saved = buf.clone()
+        tune_slots(slots, call, (lambda: buf.copy_(saved)) if saved is not None else (lambda: None))
+
+
+def make_plan(spec: PlanSpec) -> TritonPlan:
+    """The plan of ``spec`` (backends/__init__.py, "Plans"). The forward schedule is fixed by the
+    row bucket (``schedule_for``: ``UNILORA_TRITON_SCHEDULE`` is read now), as are autotuning
+    (``UNILORA_TRITON_AUTOTUNE``) and the config data (``UNILORA_TRITON_CONFIGS``)."""
+    return TritonPlan(spec, spec.x_dtype, schedule_for(spec.rows),
+                      autotune_on(_plan_device(spec.device), spec.deterministic))
+
+
+# The module functions build (and keep) the plan of their call; keyed by the projection's tensors
+# (the plan holds them, so their ids stay unique) and everything the plan fixes.
+PLAN_CACHE_SIZE = 256
+_plans: dict = {}
+
+
+def _plan_of(x2d: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, p: float, other_dtype) -> TritonPlan:
+    dev, M = x2d.device, x2d.shape[0]
     det = deterministic()
-    return _CallSetup(_rp(proj.r), det, autotune_on(device, det), _drop_args(p, seed), *_perm_bases(proj),
-                 _proj_args(theta, proj))
+    schedule, tune = schedule_for(M), autotune_on(dev, det)
+    key = (id(proj.idx_a), id(proj.idx_b), id(proj.scales), proj.r, proj.in_features, proj.out_features,
+           proj.hash_params, dev, x2d.dtype, other_dtype, float(p), row_bucket(M), det, schedule, tune,
+           large_tiles(), os.environ.get("UNILORA_TRITON_CONFIGS"))
+    plan = _plans.get(key)
+    if plan is None:
+        spec = PlanSpec(proj, dev, x2d.dtype, theta.dtype, float(p), row_bucket(M), det)
+        plan = TritonPlan(spec, other_dtype, schedule, tune)
+        if len(_plans) >= PLAN_CACHE_SIZE:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
 
 
-def _shrink(x: torch.Tensor, proj: LayerProjection, idx, w_strides: tuple, base, lowp: bool, drop: dict,
-            c: _CallSetup) -> torch.Tensor:
-    """y = drop(x) W^T (M x r, fp32) by ``shrink_kernel``, W (r x K) gathered at layer positions
-    ``i * w_strides[0] + k * w_strides[1]``: h = drop(x) A^T in forward, g B (W = B^T) in backward."""
-    M, K = x.shape
-    dev = x.device
-    n_sm = _num_sms(dev)
-
-    def grid(cfg):
-        m_tiles = _cdiv(M, cfg["BLOCK_M"])
-        return (m_tiles, 1 if c.det else _splits(m_tiles, _cdiv(K, cfg["BLOCK_K"]), n_sm))
-
-    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed"] is not None)
-    zero = c.tune or grid(SHRINK.pick(meta).all_kwargs())[1] > 1  # split-K adds into y with atomics
-    y = (torch.zeros if zero else torch.empty)((M, proj.r), dtype=torch.float32, device=dev)
-    SHRINK.launch(grid, dict(x_ptr=x, y_ptr=y, idx_ptr=idx, M=M, K=K, R=proj.r, stride_xm=_row_stride(x),
-                             w_stride_r=w_strides[0], w_stride_c=w_strides[1], perm_base=base, M_BUCKET=_m_bucket(M),
-                             **c.proj_args, **drop), meta, dev, c.tune)
-    return y
-
-
-# --------------------------------------------------------------------------------------------
-# forward
-# --------------------------------------------------------------------------------------------
 def forward_(out2d, x2d, theta, proj: LayerProjection, p: float, seed):
     """out2d += drop(x) A^T B^T in place; returns h = drop(x) A^T (M, r) fp32."""
     _check(x2d, theta, proj)
-    M, K = x2d.shape
-    N, R = proj.out_features, proj.r
-    _check_inplace(out2d, (M, N), "out")
+    M = x2d.shape[0]
+    _check_inplace(out2d, (M, proj.out_features), "out")
     x2d = _unit_last(x2d)
-    dev = x2d.device
     if M == 0:
-        return torch.empty((0, R), dtype=torch.float32, device=dev)
-    c = _setup_call(theta, proj, p, seed, dev)
-    lowp = _lowp(x2d.dtype, out2d.dtype)
-    common = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp)
-
-    if schedule_for(M) == "fused":
-        h = torch.empty((M, R), dtype=torch.float32, device=dev)
-        args = dict(x_ptr=x2d, out_ptr=out2d, h_ptr=h, idx_a_ptr=_idx(proj.idx_a, proj), idx_b_ptr=_idx(proj.idx_b, proj),
-                    M=M, K=K, N=N, R=R, stride_xm=_row_stride(x2d), stride_om=_row_stride(out2d),
-                    perm_base_a=c.base_a, perm_base_b=c.base_b, M_BUCKET=_m_bucket(M), **c.proj_args, **c.drop)
-        FUSED.launch(lambda cfg: (_cdiv(M, FUSED_BLOCK_M), _cdiv(N, cfg["BLOCK_N"])), args,
-                     dict(common, NC=_nc(c.RP, lowp), DROPOUT=p > 0, BLOCK_M=FUSED_BLOCK_M), dev, c.tune)
-        return h
-
-    h = _shrink(x2d, proj, _idx(proj.idx_a, proj), (K, 1), c.base_a, lowp, c.drop, c)
-    EXPAND.launch(lambda cfg: (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])),
-                  dict(h_ptr=h, out_ptr=out2d, idx_ptr=_idx(proj.idx_b, proj), M=M, N=N, R=R,
-                       stride_om=_row_stride(out2d), w_stride_r=1, w_stride_c=R, perm_base=c.base_b,
-                       M_BUCKET=_m_bucket(M), **c.proj_args), dict(common, NC=_nc(c.RP, lowp)), dev, c.tune)
-    return h
+        return torch.empty((0, proj.r), dtype=torch.float32, device=x2d.device)
+    return _plan_of(x2d, theta, proj, p, out2d.dtype).forward_(out2d, x2d, theta, seed)
 
 
-# --------------------------------------------------------------------------------------------
-# backward
-# --------------------------------------------------------------------------------------------
 def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d, need_x: bool, need_theta: bool):
     """(grad_x, grad_theta): grad_x gets ((g B) A) * mask (in place when given); one d-length grad_theta."""
     _check(x2d, theta, proj)
     M, K = x2d.shape
-    N, R = proj.out_features, proj.r
-    _check_grad_output(g2d, M, N)
-    dev = x2d.device
-    d = theta.shape[0]
-    grad_theta = torch.zeros(d, dtype=torch.float32, device=dev) if need_theta else None
-    accum = grad_x2d is not None
-    if need_x:
-        if accum:
-            _check_inplace(grad_x2d, (M, K), "grad_x")
-        else:
-            grad_x2d = torch.empty((M, K), dtype=x2d.dtype, device=dev)
-    if M == 0 or not (need_x or need_theta):
-        if need_x and not accum:
-            grad_x2d.zero_()
-        return (grad_x2d if need_x else None), grad_theta
-    if need_theta:
-        if h is None or h.dtype != torch.float32 or tuple(h.shape) != (M, R):
-            raise ValueError(f"backward needs the fp32 h = drop(x) A^T of shape ({M}, {R}) from forward_, got "
-                             f"{None if h is None else (h.dtype, tuple(h.shape))}")
-        h = h.contiguous()
-    x2d = _unit_last(x2d)
-    g2d = _unit_last(g2d)
-    c = _setup_call(theta, proj, p, seed, dev)
-    RP, det = c.RP, c.det
-    n_sm = _num_sms(dev)
-    n_a, n_layer = R * K, R * (K + N)
-    lowp = _lowp(x2d.dtype, g2d.dtype)
-
-    # gB = g B (M, R) fp32: the shrink kernel with W = B^T (positions n * R + r), no dropout.
-    gb = _shrink(g2d, proj, _idx(proj.idx_b, proj), (1, R), c.base_b, lowp, _drop_args(0.0, None), c)
-
-    part = None
-    splits_det = None
-    if det and need_theta:
-        # One split count for both kernels: they fill the two halves of the same partial buffer.
-        m_tiles_x = _cdiv(M, BWD_X.pick(dict(RP=RP, LOWP=lowp)).kwargs["BLOCK_M"])
-        m_tiles_b = _cdiv(M, BWD_DB.pick(dict(RP=RP, LOWP=lowp)).kwargs["BLOCK_M"])
-        splits_det = _det_splits(min(m_tiles_x, m_tiles_b))
-        part = torch.empty((splits_det, n_layer), dtype=torch.float32, device=dev)
-
-    def x_grid(cfg):
-        k_tiles, m_tiles = _cdiv(K, cfg["BLOCK_K"]), _cdiv(M, cfg["BLOCK_M"])
-        if not need_theta:
-            return (k_tiles, m_tiles)  # no reduction over M: one row tile per program
-        return (k_tiles, splits_det if det else _splits(k_tiles, m_tiles, n_sm))
-
-    BWD_X.launch(x_grid, dict(gb_ptr=gb, x_ptr=x2d, gx_ptr=grad_x2d if need_x else None, gt_ptr=grad_theta,
-                              part_ptr=part, idx_ptr=_idx(proj.idx_a, proj), M=M, K=K, R=R,
-                              stride_xm=_row_stride(x2d),
-                              stride_gxm=_row_stride(grad_x2d) if need_x else 0, n_layer=n_layer, perm_base=c.base_a,
-                              M_BUCKET=_m_bucket(M), **c.proj_args, **c.drop),
-                 dict(RP=RP, NC=_nc(RP, lowp), HASHED=proj.is_hashed, DROPOUT=p > 0, LOWP=lowp, NEED_X=need_x,
-                      NEED_THETA=need_theta, ACCUM=accum and need_x, DET=det), dev, c.tune)
-    if not need_theta:
-        return grad_x2d, None
-
-    def b_grid(cfg):
-        n_tiles, m_tiles = _cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"])
-        return (n_tiles, splits_det if det else _splits(n_tiles, m_tiles, n_sm))
-
-    pb = {k: v for k, v in c.proj_args.items() if k != "theta_ptr"}
-    BWD_DB.launch(b_grid, dict(g_ptr=g2d, h_ptr=h, gt_ptr=grad_theta, part_ptr=part, idx_ptr=_idx(proj.idx_b, proj),
-                               M=M, N=N, R=R, stride_gm=_row_stride(g2d), n_a=n_a, n_layer=n_layer,
-                               perm_base=c.base_b, M_BUCKET=_m_bucket(M), **pb),
-                  dict(RP=RP, HASHED=proj.is_hashed, LOWP=lowp, DET=det), dev, c.tune)
-    if det:
-        csr = csr_of(theta, proj)
-        CSR_REDUCE.launch(lambda cfg: (_cdiv(csr.U, cfg["BLOCK"]),),
-                          dict(part_ptr=part, gt_ptr=grad_theta, scale_ptr=proj.scales, rows_ptr=csr.rows,
-                               rowptr_ptr=csr.rowptr, cols_ptr=csr.cols, U=csr.U, splits=splits_det, n_layer=n_layer,
-                               max_len=csr.max_len, d=d, perm_D=c.proj_args["perm_D"]),
-                          dict(HASHED=proj.is_hashed), dev, False)
-    return (grad_x2d if need_x else None), grad_theta
-
+    _check_grad_output(g2d, M, proj.out_features)
+    if need_x and grad_x2d is not None:
+        _check_inplace(grad_x2d, (M, K), "grad_x")
+    x2d, g2d = _unit_last(x2d), _unit_last(g2d)
+    return _plan_of(x2d, theta, proj, p, g2d.dtype).backward(g2d, x2d, theta, seed, h, grad_x2d, need_x, need_theta)
 
 # --------------------------------------------------------------------------------------------
 # dense A / B, layer indices, the CSR of P^T
@@ -455,7 +620,7 @@ def _gather(theta: torch.Tensor, proj: LayerProjection, values: bool, index: boo
         GATHER.launch(lambda cfg: (_cdiv(n_layer, cfg["BLOCK"]),),
                       dict(idx_a_ptr=_idx(proj.idx_a, proj), idx_b_ptr=_idx(proj.idx_b, proj), vals_ptr=vals,
                            index_ptr=idx, n_a=n_a, n_layer=n_layer, perm_base=_perm_bases(proj)[0],
-                           **_proj_args(theta, proj)),
+                           theta_ptr=theta, d=theta.shape[0], **_proj_args(proj)),
                       dict(HASHED=proj.is_hashed, WRITE_VALS=values, WRITE_INDEX=index), dev, False)
     return vals, idx
 
@@ -463,7 +628,7 @@ def _gather(theta: torch.Tensor, proj: LayerProjection, values: bool, index: boo
 def lora_matrices(theta: torch.Tensor, proj: LayerProjection):
     """Dense fp32 A (r x in) and B (out x r), gathered by one kernel."""
     if theta.dtype != torch.float32:
-        _check_dtype(theta, "theta_d")
+        _check_dtype(theta.dtype, "theta_d")
         raise TypeError(f"theta_d must be float32, got {theta.dtype}")
     _check(theta.new_empty((0, proj.in_features)), theta, proj)
     vals, _ = _gather(theta, proj, values=True, index=False)
@@ -485,6 +650,7 @@ def csr_of(theta: torch.Tensor, proj: LayerProjection) -> triton_csr.CSR:
 
 def clear_caches() -> None:
     triton_csr.clear_cache()
+    _plans.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,7 +684,7 @@ def _check_mixed(x2d, theta, table, seq_adapter, proj: LayerProjection) -> None:
         raise ValueError(f"the adapter table must be (capacity, d = {d}), got {tuple(table.shape)}")
     if table.dtype not in MIXED_VECTOR_DTYPES:
         if table.dtype == torch.float64:
-            _check_dtype(table, "adapter tables")
+            _check_dtype(table.dtype, "adapter tables")
         raise TypeError(f"the adapter table must be float32, bfloat16 or float16, got {table.dtype}")
     if table.numel() and table.stride(1) != 1:
         raise ValueError("the adapter table's rows must be unit-stride")
@@ -531,13 +697,27 @@ def _check_mixed(x2d, theta, table, seq_adapter, proj: LayerProjection) -> None:
     devices = {t.device for t in (x2d, theta, table, seq_adapter)}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    # Ids are checked where that costs no device sync (CPU); on a GPU an id outside [-1, capacity]
-    # reads nothing and leaves its rows as base rows (the kernels mask it: memory stays safe).
-    if seq_adapter.device.type == "cpu" and S:
-        lo, hi = int(seq_adapter.min()), int(seq_adapter.max())
-        if lo < -1 or hi > table.shape[0]:
-            raise ValueError(f"seq_adapter ids must lie in [-1, {table.shape[0]}] (the table's capacity), "
-                             f"got [{lo}, {hi}]")
+    # Ids are not read on the host (no sync): ``adapter_batch`` validates them where it builds them,
+    # and an id outside [-1, capacity] reads nothing and leaves its rows as base rows (the kernels
+    # mask it: memory stays safe).
+
+
+class _CallSetup(NamedTuple):
+    """What every launch of one mixed call shares."""
+
+    RP: int  # rank padded to a power of two >= 16 (the tl.dot minimum)
+    det: bool  # deterministic mode: no split-K, no float atomics
+    tune: bool  # autotune (else each kernel's first applicable config)
+    drop: dict  # seed_ptr / threshold / drop_scale, all None without dropout
+    base_a: Optional[int]  # _perm_bases
+    base_b: Optional[int]
+    proj_args: dict  # theta_ptr, d and _proj_args
+
+
+def _setup_call(theta: torch.Tensor, proj: LayerProjection, p: float, seed, device: torch.device) -> _CallSetup:
+    det = deterministic()
+    return _CallSetup(_rp(proj.r), det, autotune_on(device, det), _drop_args(p, seed, device), *_perm_bases(proj),
+                      dict(theta_ptr=theta, d=theta.shape[0], **_proj_args(proj)))
 
 
 class _Mixed(NamedTuple):
@@ -574,7 +754,7 @@ def _mixed_shrink(x, mx: _Mixed, proj: LayerProjection, idx, w_strides: tuple, b
         m_tiles = _mixed_tiles(mx, cfg["BLOCK_M"])
         return (m_tiles, 1 if c.det else _splits(m_tiles, _cdiv(K, cfg["BLOCK_K"]), n_sm))
 
-    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed"] is not None, ROWS=mx.rows)
+    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed_ptr"] is not None, ROWS=mx.rows)
     zero = c.tune or grid(MIXED_SHRINK.pick(meta).all_kwargs())[1] > 1  # split-K adds into y with atomics
     y = (torch.zeros if zero else torch.empty)((M, proj.r), dtype=torch.float32, device=x.device)
     MIXED_SHRINK.launch(grid, dict(x_ptr=x, y_ptr=y, idx_ptr=idx, K=K, R=proj.r, stride_xm=_row_stride(x),
@@ -589,7 +769,7 @@ def _mixed_expand(y, out, mx: _Mixed, proj: LayerProjection, idx, w_strides: tup
     M, N = out.shape
     c = mx.c
     meta = dict(RP=c.RP, NC=1 if mx.rows else _nc(c.RP, lowp), HASHED=proj.is_hashed, LOWP=lowp,
-                DROPOUT=drop["seed"] is not None, ROWS=mx.rows, ACCUM=accum)
+                DROPOUT=drop["seed_ptr"] is not None, ROWS=mx.rows, ACCUM=accum)
     MIXED_EXPAND.launch(lambda cfg: (_mixed_tiles(mx, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])),
                         dict(y_ptr=y, out_ptr=out, idx_ptr=idx, N=N, R=proj.r, stride_om=_row_stride(out),
                              w_stride_r=w_strides[0], w_stride_c=w_strides[1], perm_base=base,
@@ -602,7 +782,7 @@ def _mixed_dw(u, v, gt, gtab, part, mx: _Mixed, proj: LayerProjection, idx, w_st
     deterministic mode, each adapter's plain dW into its row of ``part`` (at ``part_off``)."""
     M, C = v.shape
     c = mx.c
-    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed"] is not None, ROWS=mx.rows,
+    meta = dict(RP=c.RP, HASHED=proj.is_hashed, LOWP=lowp, DROPOUT=drop["seed_ptr"] is not None, ROWS=mx.rows,
                 DET=c.det, BY_ID=_by_id(mx))
     # The row splits per sequence are a kernel argument, so they come from the default config and
     # every tuning candidate runs them (any split count is correct).
@@ -656,8 +836,8 @@ def mixed_forward_(out2d, x2d, theta, table, seq_adapter, proj: LayerProjection,
     c = mx.c
     lowp = _lowp(x2d.dtype, out2d.dtype)
     h = _mixed_shrink(x2d, mx, proj, _idx(proj.idx_a, proj), (K, 1), c.base_a, lowp, c.drop)
-    _mixed_expand(h, out2d, mx, proj, _idx(proj.idx_b, proj), (1, proj.r), c.base_b, lowp, _drop_args(0.0, None),
-                  accum=True)
+    _mixed_expand(h, out2d, mx, proj, _idx(proj.idx_b, proj), (1, proj.r), c.base_b, lowp,
+                  _drop_args(0.0, None, x2d.device), accum=True)
 
 
 def mixed_backward(g2d, x2d, theta, table, seq_adapter, proj: LayerProjection, p: float, seed, need_x: bool,
@@ -686,7 +866,7 @@ def mixed_backward(g2d, x2d, theta, table, seq_adapter, proj: LayerProjection, p
         mx = _mixed_setup(x2d, theta, table, seq_adapter, proj, p, seed)
         c = mx.c
         lowp = _lowp(x2d.dtype, g2d.dtype)
-        nodrop = _drop_args(0.0, None)
+        nodrop = _drop_args(0.0, None, dev)
         idx_a, idx_b = _idx(proj.idx_a, proj), _idx(proj.idx_b, proj)
         # gB = g B_a (M, R) fp32: the shrink with W = B^T (positions n * R + i).
         gb = _mixed_shrink(g2d, mx, proj, idx_b, (1, R), c.base_b, lowp, nodrop)

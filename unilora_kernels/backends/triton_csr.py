@@ -33,7 +33,7 @@ _cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 _lock = threading.Lock()
 
 
-def _version(t: torch.Tensor) -> int:
+def version(t: torch.Tensor) -> int:
     try:
         return t._version
     except RuntimeError:  # inference tensors have no version counter
@@ -62,8 +62,8 @@ def csr_of(theta: torch.Tensor, proj: LayerProjection,
         key = ("hashed", tuple(proj.hash_params)) + shape
         refs = ()
     else:
-        key = ("uniform", proj.idx_a.data_ptr(), proj.idx_b.data_ptr(), _version(proj.idx_a),
-               _version(proj.idx_b)) + shape
+        key = ("uniform", proj.idx_a.data_ptr(), proj.idx_b.data_ptr(), version(proj.idx_a),
+               version(proj.idx_b)) + shape
         refs = (weakref.ref(proj.idx_a), weakref.ref(proj.idx_b))
     with _lock:
         hit = _cache.get(key)
