@@ -125,8 +125,10 @@ __device__ void row_h(const x_t* __restrict__ xrow, int64_t m, int in_f, int r, 
   __syncthreads();
 }
 
+// Min 1 block per SM: with the seed loaded in row_h, ptxas otherwise kept the fp32 variants at 48
+// registers with 12-byte spills (sm_80 and sm_90).
 template <typename x_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) mixed_forward_kernel(const x_t* __restrict__ x, int64_t ldx,
+__global__ void __launch_bounds__(kThreads, 1) mixed_forward_kernel(const x_t* __restrict__ x, int64_t ldx,
                                                                   x_t* __restrict__ out, Sources src, ProjView p,
                                                                   Dropout dr, int in_f, int out_f, int r) {
   const int64_t m = blockIdx.x;

@@ -331,7 +331,8 @@ def test_ci_build_log_sm80_sm90_no_spills():
     archs = {a for _, a, *_ in entries}
     assert {"80", "90"} <= archs, f"kernels compiled for sm_{sorted(archs)}, expected sm_80 and sm_90"
     kernels = {name for name, *_ in entries}
-    for needle in ("decode_kernel", "gather_kernel", "scatter_atomic_kernel", "scatter_sorted_kernel"):
+    for needle in ("decode_kernel", "gather_kernel", "prepare_kernel", "scatter_atomic_kernel",
+                   "scatter_sorted_kernel"):
         assert any(needle in k for k in kernels), f"{needle} missing from the build log"
     spills = [(n, a, s, l) for n, a, _, s, l in entries if int(s) or int(l)]
     assert not spills, f"ptxas reports spills: {spills[:5]}"

@@ -12,11 +12,13 @@ What runs where:
   accumulation on every machine); the backward scatter-adds dA and dB into one d-length
   gradient in one pass (serial adds: deterministic).
 * ``cuda``, forward: M <= 16 rows and r <= 64 with fp16/bf16/fp32 activations -> one fused
-  cooperative kernel (A and B gathered on the fly, warp reductions); otherwise the gather
-  kernel builds A and B and cuBLAS does the two products (``addmm_`` into the output).
-  Backward: gather kernel + cuBLAS for dA, dB and grad_x, then the theta_d scatter-add kernel
-  (fp32 atomics), or, when ``torch.are_deterministic_algorithms_enabled()`` or
-  ``UNILORA_DETERMINISTIC=1``, a sort-based segmented scatter in a fixed order.
+  cooperative kernel (A and B gathered on the fly, warp reductions); otherwise one ``prepare``
+  launch gathers A and B in the GEMM dtype (and applies dropout to x) and cuBLAS does the two
+  products (h in fp32 straight from cuBLAS; ``addmm_`` into the output). Backward: one ``prepare``
+  launch (gather, dropout of x, h in the GEMM dtype, the zeroed theta gradient), cuBLAS for
+  grad_x, dA and dB (fp32 outputs), then the theta_d scatter-add kernel (fp32 atomics), or, when
+  ``torch.are_deterministic_algorithms_enabled()`` or ``UNILORA_DETERMINISTIC=1``, a sort-based
+  segmented scatter in a fixed order.
 * mixed batches (``mixed_forward_`` / ``mixed_backward``, one adapter per sequence): on ``cpu``
   each run of rows with one adapter gathers its A and B once into thread-local buffers (SIMD
   loops or BLAS row blocks); decode (one row per sequence) reads the batch's adapters as the
