@@ -20,13 +20,14 @@ std::tuple<at::Tensor, at::Tensor> call_linear(const at::Tensor& x, const at::Te
                                                const c10::optional<at::Tensor>& bias, bool weight_t,
                                                const at::Tensor& theta, const at::Tensor& scales,
                                                const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
-                                               at::IntArrayRef hash_params, double p, int64_t seed) {
+                                               at::IntArrayRef hash_params, double p,
+                                               const c10::optional<at::Tensor>& seed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("unilora_C::linear", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                           at::IntArrayRef, double, int64_t)>();
+                           at::IntArrayRef, double, const c10::optional<at::Tensor>&)>();
   return op.call(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed);
 }
 
@@ -34,14 +35,15 @@ std::tuple<at::Tensor, at::Tensor> call_linear_backward(const at::Tensor& g, con
                                                         bool weight_t, const at::Tensor& theta,
                                                         const at::Tensor& scales, const at::Tensor& idx_a,
                                                         const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
-                                                        double p, int64_t seed, const at::Tensor& h, bool need_x,
+                                                        double p, const c10::optional<at::Tensor>& seed,
+                                                        const at::Tensor& h, bool need_x,
                                                         bool need_theta, bool deterministic) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("unilora_C::linear_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, at::IntArrayRef, double,
-                           int64_t, const at::Tensor&, bool, bool, bool)>();
+                           const c10::optional<at::Tensor>&, const at::Tensor&, bool, bool, bool)>();
   return op.call(g, x, w, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, h, need_x, need_theta,
                  deterministic);
 }
@@ -51,13 +53,16 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const c10::optional<at::Tensor>& bias, bool weight_t, const at::Tensor& theta,
                             const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
-                            std::vector<int64_t> hash_params, double p, int64_t seed, bool deterministic) {
+                            std::vector<int64_t> hash_params, double p, const c10::optional<at::Tensor>& seed,
+                            bool deterministic) {
     auto [out, h] = call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed);
     ctx->save_for_backward({x, w, theta, scales, idx_a, idx_b, h});
     ctx->saved_data["weight_t"] = weight_t;
     ctx->saved_data["r"] = r;
     ctx->saved_data["hash_params"] = hash_params;
     ctx->saved_data["p"] = p;
+    // The seed tensor itself, never its value (no host read): the backward draws the forward's mask
+    // (a seed changed in place in between would change it; UniLoRALinear draws a new one per call).
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["deterministic"] = deterministic;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -79,8 +84,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       const auto hash_params = ctx->saved_data["hash_params"].toIntVector();
       std::tie(gx, gt) = call_linear_backward(
           g, x, w, weight_t, theta, saved[3], saved[4], saved[5], ctx->saved_data["r"].toInt(), hash_params,
-          ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(), saved[6], need_x, need_theta,
-          ctx->saved_data["deterministic"].toBool());
+          ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toOptional<at::Tensor>(), saved[6], need_x,
+          need_theta, ctx->saved_data["deterministic"].toBool());
     }
     if (need_w) gw = weight_t ? at::mm(x.t(), g) : at::mm(g.t(), x);  // a trainable base weight
     if (need_b) gb = g.sum(0);
@@ -94,8 +99,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
-                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p, int64_t seed,
-                           bool deterministic) {
+                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
+                           const c10::optional<at::Tensor>& seed, bool deterministic) {
   return LinearFunction::apply(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params.vec(), p, seed,
                                deterministic);
 }
@@ -103,7 +108,7 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
                               const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
-                              double p, int64_t seed, bool /*deterministic*/) {
+                              double p, const c10::optional<at::Tensor>& seed, bool /*deterministic*/) {
   return std::get<0>(call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed));
 }
 

@@ -18,7 +18,7 @@ void apply_dropout(T* buf, int64_t rows, int64_t cols, int64_t m0, const Dropout
     T* row = buf + i * cols;
     uint8_t* mrow = mask ? mask + i * cols : nullptr;
     for (int64_t c = 0; c < cols; ++c) {
-      const bool keep = dropout_keep(dr.seed, base + c, dr.threshold);
+      const bool keep = dropout_keep(dr.host_seed, base + c, dr.threshold);
       row[c] = keep ? row[c] * s : T(0);
       if (mrow) mrow[c] = keep;
     }

@@ -148,7 +148,7 @@ void dropped_row(const x_t* x, int64_t m, int64_t in_f, const Dropout& dr, acc_t
   }
   const acc_t s = acc_t(dr.scale);
   const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(in_f);
-  for (int64_t c = 0; c < in_f; ++c) dst[c] = dropout_keep(dr.seed, base + c, dr.threshold) ? acc_t(x[c]) * s : acc_t(0);
+  for (int64_t c = 0; c < in_f; ++c) dst[c] = dropout_keep(dr.host_seed, base + c, dr.threshold) ? acc_t(x[c]) * s : acc_t(0);
 }
 
 // The element map in theta order, for the single-row path: a row reads n elements of its

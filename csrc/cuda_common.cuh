@@ -57,6 +57,12 @@ __device__ __forceinline__ int32_t lookup(const ProjView& p, int32_t i, float* s
   return j;
 }
 
+// The dropout seed, loaded where the kernel runs (Dropout::device_seed; never read on the host, so
+// a CUDA-graph replay sees the seed drawn for it); 0 without dropout. One load per thread.
+__device__ __forceinline__ uint64_t load_seed(const Dropout& dr) {
+  return dr.active ? static_cast<uint64_t>(__ldg(reinterpret_cast<const long long*>(dr.device_seed))) : 0ull;
+}
+
 // a * b rounded on its own: nvcc contracts `g += a * b` into an FMA (one rounding), which the
 // CPU's separate multiply and add do not do; the deterministic scatter must match it bit for bit.
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
@@ -72,8 +78,19 @@ inline unsigned grid_for(int64_t n, int threads) {
 // Projection kernels (cuda_projection.cu), used by the forward/backward orchestration.
 // gather: A (r x in), B (out x r) in `dtype` (any float type; fp16/bf16 feed cuBLAS directly).
 std::tuple<at::Tensor, at::Tensor> gather(const at::Tensor& theta, const Projection& pj, at::ScalarType dtype);
-// xd = x * keep * scale (x row-strided, xd contiguous, same dtype).
-at::Tensor dropout(const at::Tensor& x, const Dropout& dr);
+
+// What the cuBLAS paths need before their GEMMs, made by ONE launch (prepare): A and B gathered in
+// the GEMM dtype `gt`; xd = drop(x) (x given: gt, unit column stride); hg = h in gt (h given: the
+// contiguous fp32 h of fp16/bf16 GEMMs); grad (given: theta's dtype, (d,)) zeroed for scatter_add_.
+struct Prepared {
+  at::Tensor A, B, xd, hg;
+};
+Prepared prepare(const at::Tensor& theta, const Projection& pj, at::ScalarType gt, const at::Tensor* x,
+                 const Dropout& dr, const at::Tensor* h, at::Tensor* grad);
+// grad (zeroed by prepare) += P^T [dA | dB]; dA, dB contiguous fp32 (fp64), one launch (atomic)
+// or the sort-based fixed-order scatter (deterministic).
+void scatter_add_(at::Tensor& grad, const at::Tensor& dA, const at::Tensor& dB, const Projection& pj,
+                  bool deterministic);
 // dst += src * keep * scale (fresh == false) or dst = src * keep * scale (fresh); dst contiguous.
 void masked_add_(at::Tensor& dst, const at::Tensor& src, const Dropout& dr, bool fresh);
 

@@ -39,6 +39,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const float dscale = static_cast<float>(dr.scale);
+  const uint64_t seed = load_seed(dr);
 
   // ---- phase 1: partial h over (column chunk, 4 ranks) units, one unit per warp at a time ----
   const int n_kg = (r + kRanksPerUnit - 1) / kRanksPerUnit;
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           v = static_cast<float>(x[m * ldx + c]);
           if (dr.active) {
             const uint64_t off = static_cast<uint64_t>(m) * static_cast<uint64_t>(in_f) + c;
-            v = dropout_keep(dr.seed, off, dr.threshold) ? v * dscale : 0.f;
+            v = dropout_keep(seed, off, dr.threshold) ? v * dscale : 0.f;
           }
         }
         xv[m] = v;

@@ -88,6 +88,7 @@ __device__ void row_h(const x_t* __restrict__ xrow, int64_t m, int in_f, int r, 
                       int kind, const Dropout& dr, acc_t* xs, acc_t* hs) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const acc_t dscale = static_cast<acc_t>(dr.scale);
+  const uint64_t seed = load_seed(dr);
   acc_t acc[kRanksPerWarp];
 #pragma unroll
   for (int kk = 0; kk < kRanksPerWarp; ++kk) acc[kk] = acc_t(0);
@@ -98,7 +99,7 @@ __device__ void row_h(const x_t* __restrict__ xrow, int64_t m, int in_f, int r, 
       acc_t v = static_cast<acc_t>(xrow[c]);
       if (dr.active) {
         const uint64_t off = static_cast<uint64_t>(m) * static_cast<uint64_t>(in_f) + c;
-        v = dropout_keep(dr.seed, off, dr.threshold) ? v * dscale : acc_t(0);
+        v = dropout_keep(seed, off, dr.threshold) ? v * dscale : acc_t(0);
       }
       xs[c - c0] = v;
     }
@@ -124,8 +125,10 @@ __device__ void row_h(const x_t* __restrict__ xrow, int64_t m, int in_f, int r, 
   __syncthreads();
 }
 
+// Min 1 block per SM: with the seed loaded in row_h, ptxas otherwise kept the fp32 variants at 48
+// registers with 12-byte spills (sm_80 and sm_90).
 template <typename x_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) mixed_forward_kernel(const x_t* __restrict__ x, int64_t ldx,
+__global__ void __launch_bounds__(kThreads, 1) mixed_forward_kernel(const x_t* __restrict__ x, int64_t ldx,
                                                                   x_t* __restrict__ out, Sources src, ProjView p,
                                                                   Dropout dr, int in_f, int out_f, int r) {
   const int64_t m = blockIdx.x;
@@ -180,12 +183,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   acc_t* grad = a == 0 ? gtheta : gtable + (a - 1) * d;
   const acc_t dscale = static_cast<acc_t>(dr.scale);
+  const uint64_t seed = load_seed(dr);
   // grad_x[m, c] = (u A[:, c]) * mask and dA[:, c] += u x[m, c] * mask, one column per thread.
   for (int c = threadIdx.x; c < in_f; c += kThreads) {
     acc_t keep = acc_t(1);
     if (dr.active) {
       const uint64_t off = static_cast<uint64_t>(m) * static_cast<uint64_t>(in_f) + c;
-      keep = dropout_keep(dr.seed, off, dr.threshold) ? dscale : acc_t(0);
+      keep = dropout_keep(seed, off, dr.threshold) ? dscale : acc_t(0);
     }
     const acc_t xd = static_cast<acc_t>(xrow[c]) * keep;
     acc_t t = acc_t(0);

@@ -1,6 +1,13 @@
 // The `cuda` backend's forward and backward: the fused decode kernel where it applies
-// (cuda_decode.cu), else the gather kernel and cuBLAS (through at::mm / addmm_), then the
-// theta_d gradient scatter-add (cuda_projection.cu).
+// (cuda_decode.cu), else one preparation launch (cuda::prepare: the gather of A and B in the GEMM
+// dtype, the dropout of x, the cast of h, the zeroing of the theta gradient) and cuBLAS (at::mm /
+// addmm_; fp16/bf16 products that are kept come out of cuBLAS in fp32 through mm's out_dtype),
+// then the theta_d gradient scatter-add (cuda_projection.cu).
+//
+// Launches beside the cuBLAS GEMMs: forward 1 (decode: the fused kernel alone), else prepare, plus
+// for fp16/bf16 the (M x r) cast of h that the second GEMM reads; backward prepare, the masked add
+// of grad_x (dropout only), the scatter (atomic; the deterministic one adds a cat/sort). No
+// memsets: prepare zeroes the gradient. fp64 mixes (gradcheck) add casts of x / g / h.
 #include "cuda_common.cuh"
 
 namespace unilora {
@@ -12,11 +19,17 @@ at::ScalarType gemm_dtype(const at::Tensor& x, at::ScalarType cd) {
   return cd == at::kDouble ? at::kDouble : x.scalar_type();
 }
 
-// x in the GEMM dtype with dropout applied (the dropout kernel wants unit column stride).
-at::Tensor dropped_input(const at::Tensor& x, at::ScalarType gt, const Dropout& dr) {
+// a b with the result in `acc` (the compute dtype): for fp16/bf16 operands cuBLAS writes its fp32
+// accumulator out directly (mm.dtype), with no rounding to half precision and no cast kernel.
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
+// x as the GEMMs read it: itself, except when an fp64 operand makes the GEMMs fp64 (a cast) or
+// the dropout of prepare needs unit column stride (a copy).
+at::Tensor gemm_input(const at::Tensor& x, at::ScalarType gt, const Dropout& dr) {
   at::Tensor xg = x.scalar_type() == gt ? x : x.to(gt);
-  if (!dr.active) return xg;
-  return cuda::dropout(xg.stride(1) == 1 ? xg : xg.contiguous(), dr);
+  return dr.active && xg.stride(1) != 1 ? xg.contiguous() : xg;
 }
 
 }  // namespace
@@ -28,13 +41,14 @@ at::Tensor forward_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& t
   if (cuda::decode_forward(out, x, theta, pj, dr, h)) return h;
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   const at::ScalarType gt = gemm_dtype(x, cd);
-  const auto [A, B] = cuda::gather(theta, pj, gt);
-  const at::Tensor hg = at::mm(dropped_input(x, gt, dr), A.t());  // (M, r)
-  h = hg.scalar_type() == cd ? hg : hg.to(cd);
+  const at::Tensor xg = gemm_input(x, gt, dr);
+  const cuda::Prepared pr = cuda::prepare(theta, pj, gt, dr.active ? &xg : nullptr, dr, nullptr, nullptr);
+  h = mm_acc(dr.active ? pr.xd : xg, pr.A.t(), cd);  // (M, r) in the compute dtype, for the backward
   if (out.scalar_type() == gt) {
-    out.addmm_(hg, B.t());  // beta = 1: cuBLAS adds into the output, no output-sized temporary
-  } else {
-    out.addmm_(h.to(out.scalar_type()), B.to(out.scalar_type()).t());
+    // beta = 1: cuBLAS adds into the output, no output-sized temporary (fp16/bf16: h rounded once)
+    out.addmm_(h.scalar_type() == gt ? h : h.to(gt), pr.B.t());
+  } else {  // an output of another dtype than x (the op allows it; layers never do it)
+    out.addmm_(h.to(out.scalar_type()), pr.B.to(out.scalar_type()).t());
   }
   return h;
 }
@@ -46,30 +60,48 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), g.scalar_type()});
   const at::ScalarType gt = gemm_dtype(x, cd);
-  const auto [A, B] = cuda::gather(theta, pj, gt);
-  const at::Tensor gg = g.scalar_type() == gt ? g : g.to(gt);
-  const at::Tensor gB = at::mm(gg, B);  // (M, r)
+  const at::Tensor gg = g.scalar_type() == gt ? g : g.to(gt);  // g has x's dtype except in fp64 mixes
+  // dA reads drop(x) and dB reads h, both in the GEMM dtype: prepare makes them in its launch
+  // (the fp32 h of fp16/bf16 GEMMs; any other mismatch is an fp64 mix, cast here).
+  at::Tensor xg, hc = h;
+  bool cast_h = false;
+  at::Tensor grad_theta = at::empty({need_theta ? pj.d : 0}, theta.options());
+  if (need_theta) {
+    xg = gemm_input(x, gt, dr);
+    if (h.scalar_type() != gt) {
+      cast_h = gt != at::kDouble && h.scalar_type() == at::kFloat;
+      if (cast_h) {
+        hc = h.contiguous();
+      } else {
+        hc = h.to(gt);
+      }
+    }
+  }
+  const bool drop_x = need_theta && dr.active;
+  const cuda::Prepared pr = cuda::prepare(theta, pj, gt, drop_x ? &xg : nullptr, dr, cast_h ? &hc : nullptr,
+                                          need_theta ? &grad_theta : nullptr);
+  if (cast_h) hc = pr.hg;
+  const at::Tensor gB = at::mm(gg, pr.B);  // (M, r)
   at::Tensor gx_new = at::empty({0}, x.options());
   if (need_x) {
     if (grad_x.has_value()) {
       at::Tensor gx = *grad_x;
       if (!dr.active && gx.scalar_type() == gt) {
-        gx.addmm_(gB, A);  // grad_x += (g B) A in place
+        gx.addmm_(gB, pr.A);  // grad_x += (g B) A in place
       } else {
-        cuda::masked_add_(gx, at::mm(gB, A), dr, /*fresh=*/false);
+        cuda::masked_add_(gx, at::mm(gB, pr.A), dr, /*fresh=*/false);
       }
     } else if (!dr.active && x.scalar_type() == gt) {
-      gx_new = at::mm(gB, A);
+      gx_new = at::mm(gB, pr.A);
     } else {
       gx_new = at::empty(x.sizes(), x.options());
-      cuda::masked_add_(gx_new, at::mm(gB, A), dr, /*fresh=*/true);
+      cuda::masked_add_(gx_new, at::mm(gB, pr.A), dr, /*fresh=*/true);
     }
   }
-  at::Tensor grad_theta = at::empty({0}, theta.options());
   if (need_theta) {
-    const at::Tensor dA = at::mm(gB.t(), dropped_input(x, gt, dr)).to(cd);  // (r, in)
-    const at::Tensor dB = at::mm(gg.t(), h.to(gt)).to(cd);                  // (out, r)
-    grad_theta = scatter_cuda(dA, dB, pj, theta.scalar_type(), deterministic);
+    const at::Tensor dA = mm_acc(gB.t(), drop_x ? pr.xd : xg, cd);  // (r, in)
+    const at::Tensor dB = mm_acc(gg.t(), hc, cd);                   // (out, r)
+    cuda::scatter_add_(grad_theta, dA, dB, pj, deterministic);
   }
   return {gx_new, grad_theta};
 }
@@ -80,7 +112,9 @@ std::tuple<at::Tensor, at::Tensor> linear_cuda(const at::Tensor& x, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor wt = weight_t ? w : w.t();  // (in, out): exactly nn.Linear's / Conv1D's addmm
   at::Tensor out = bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
-  if (x.size(0) == 0) return {out, at::empty({0, pj.r}, x.options().dtype(at::kFloat))};
+  if (x.size(0) == 0) {
+    return {out, at::empty({0, pj.r}, x.options().dtype(compute_dtype({x.scalar_type(), theta.scalar_type()})))};
+  }
   at::Tensor h = forward_cuda(out, x, theta, pj, dr);
   return {out, h};
 }
@@ -92,12 +126,13 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cuda(const at::Tensor& g, con
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(h.size(0) == x.size(0), "unilora: the CUDA backward needs h from the forward");
   at::Tensor gx = need_x ? at::mm(g, weight_t ? w.t() : w) : at::empty({0}, x.options());
-  at::Tensor gt = need_theta ? at::zeros_like(theta) : at::empty({0}, theta.options());
-  if (x.size(0) > 0 && (need_x || need_theta)) {
-    gt = std::get<1>(backward_cuda(g, x, theta, pj, dr, h, need_x ? c10::optional<at::Tensor>(gx) : c10::nullopt,
-                                   need_x, need_theta, deterministic));
-    if (!need_theta) gt = at::empty({0}, theta.options());
+  if (x.size(0) == 0 || !(need_x || need_theta)) {
+    return {gx, need_theta ? at::zeros_like(theta) : at::empty({0}, theta.options())};
   }
+  // backward_cuda adds the update's grad_x into gx in place; its grad_theta is empty unless asked for
+  at::Tensor gt = std::get<1>(backward_cuda(g, x, theta, pj, dr, h,
+                                            need_x ? c10::optional<at::Tensor>(gx) : c10::nullopt, need_x,
+                                            need_theta, deterministic));
   return {gx, gt};
 }
 

@@ -145,18 +145,22 @@ inline int64_t keep_threshold(double p) {
 // philox.keep_scale: inverted-dropout scale of the kept elements (0 when everything is dropped).
 inline double keep_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
 
-// Dropout parameters as kernels take them.
+// Dropout parameters as kernels take them. The seed is a one-element int64 tensor (Seeds in
+// backends/__init__.py): CPU ops read its value on the host into host_seed; CUDA ops never read it
+// on the host (that would sync, and a CUDA-graph replay must see the seed drawn for that replay):
+// their kernels load it through device_seed (cuda::load_seed).
 struct Dropout {
   bool active = false;
-  uint64_t seed = 0;
+  uint64_t host_seed = 0;                 // CPU kernels only
+  const int64_t* device_seed = nullptr;   // CUDA kernels only: device memory, valid while active
   int64_t threshold = 0;
   double scale = 1.0;
 };
 
-inline Dropout make_dropout(double p, int64_t seed) {
+// p and the keep rule; the op fills in the seed (ops.cpp, dropout_arg).
+inline Dropout make_dropout(double p) {
   Dropout dr;
   dr.active = p > 0.0;
-  dr.seed = static_cast<uint64_t>(seed);
   dr.threshold = keep_threshold(p);
   dr.scale = keep_scale(p);
   return dr;

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -129,6 +130,35 @@ void check_dropout(double p) {
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "unilora: dropout probability must be in [0, 1], got ", p);
 }
 
+// The Dropout of an op on x's device from its seed argument (Seeds, backends/__init__.py): None
+// when p == 0 (then ignored), else a one-element int64 tensor. A CPU op reads the value here; a
+// CUDA op never reads it on the host: its kernels load it through dr.device_seed. A CPU seed
+// given to a CUDA op is copied to the device first (stream-ordered, no host sync; refused during
+// graph capture, see cuda::device_seed); `keep` holds that copy until the kernels are enqueued.
+Dropout dropout_arg(double p, const c10::optional<at::Tensor>& seed, const at::Tensor& x, at::Tensor& keep) {
+  Dropout dr = make_dropout(p);
+  if (!dr.active) return dr;
+  TORCH_CHECK(seed.has_value() && seed->defined(), "unilora: dropout p = ", p,
+              " > 0 needs a seed (a one-element int64 tensor)");
+  const at::Tensor& s = *seed;
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1,
+              "unilora: the dropout seed must be a one-element int64 tensor, got ", s.scalar_type(), " of shape ",
+              s.sizes());
+  if (x.is_cpu()) {
+    TORCH_CHECK(s.is_cpu(), "unilora: a CPU op reads its dropout seed on the host, so it must be a CPU tensor; got "
+                "one on ", s.device());
+    dr.host_seed = static_cast<uint64_t>(*s.const_data_ptr<int64_t>());
+    return dr;
+  }
+#ifdef UNILORA_WITH_CUDA
+  keep = cuda::device_seed(s, x);
+  dr.device_seed = keep.const_data_ptr<int64_t>();
+  return dr;
+#else
+  TORCH_CHECK(false, "unilora: ops on ", x.device(), " tensors are not built");
+#endif
+}
+
 // ---- op implementations: argument checks, then the device's kernels ----
 Projection layer_projection(const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
                             const at::Tensor& idx_b, int64_t r, int64_t in_f, int64_t out_f, at::IntArrayRef hash_params) {
@@ -144,13 +174,15 @@ using ForwardFn = at::Tensor (*)(at::Tensor, const at::Tensor&, const at::Tensor
 template <ForwardFn impl>
 at::Tensor forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& scales,
                       const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
-                      double p, int64_t seed) {
+                      double p, const c10::optional<at::Tensor>& seed) {
   check_dropout(p);
   const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hash_params);
   check_forward(out, x, theta, pj);
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   if (x.size(0) == 0) return at::empty({0, r}, x.options().dtype(cd));
-  return impl(out, x, theta, pj, make_dropout(p, seed));
+  at::Tensor seed_keep;
+  const Dropout dr = dropout_arg(p, seed, x, seed_keep);
+  return impl(out, x, theta, pj, dr);
 }
 
 using BackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -161,7 +193,8 @@ template <BackwardFn impl>
 std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta,
                                                const at::Tensor& scales, const at::Tensor& idx_a,
                                                const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
-                                               int64_t seed, const at::Tensor& h, c10::optional<at::Tensor> grad_x,
+                                               const c10::optional<at::Tensor>& seed, const at::Tensor& h,
+                                               c10::optional<at::Tensor> grad_x,
                                                bool need_x, bool need_theta, bool deterministic) {
   check_dropout(p);
   const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hash_params);
@@ -172,7 +205,9 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Te
     at::Tensor gt = need_theta ? at::zeros_like(theta) : at::empty({0}, theta.options());
     return {gx, gt};
   }
-  return impl(g, x, theta, pj, make_dropout(p, seed), h, std::move(grad_x), need_x, need_theta, deterministic);
+  at::Tensor seed_keep;
+  const Dropout dr = dropout_arg(p, seed, x, seed_keep);
+  return impl(g, x, theta, pj, dr, h, std::move(grad_x), need_x, need_theta, deterministic);
 }
 
 template <std::tuple<at::Tensor, at::Tensor> (*gather)(const at::Tensor&, const Projection&, at::ScalarType)>
@@ -225,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tens
                                              const c10::optional<at::Tensor>& bias, bool weight_t,
                                              const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
                                              const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
-                                             int64_t seed) {
+                                             const c10::optional<at::Tensor>& seed) {
   check_dropout(p);
   check_linear_weight(x, w, weight_t, theta);
   const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
@@ -235,7 +270,9 @@ std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tens
     check_same_device(*bias, "bias", theta);
   }
   check_same_device(x, "x", theta);
-  return impl(x, w, bias, weight_t, theta, pj, make_dropout(p, seed));
+  at::Tensor seed_keep;
+  const Dropout dr = dropout_arg(p, seed, x, seed_keep);
+  return impl(x, w, bias, weight_t, theta, pj, dr);
 }
 
 using LinearBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
@@ -247,14 +284,16 @@ template <LinearBackwardFn impl>
 std::tuple<at::Tensor, at::Tensor> linear_backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                       bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
                                                       const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
-                                                      at::IntArrayRef hash_params, double p, int64_t seed,
-                                                      const at::Tensor& h, bool need_x, bool need_theta,
-                                                      bool deterministic) {
+                                                      at::IntArrayRef hash_params, double p,
+                                                      const c10::optional<at::Tensor>& seed, const at::Tensor& h,
+                                                      bool need_x, bool need_theta, bool deterministic) {
   check_dropout(p);
   check_linear_weight(x, w, weight_t, theta);
   const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
   check_backward(g, x, theta, pj, h, c10::nullopt, true);
-  return impl(g, x, w, weight_t, theta, pj, make_dropout(p, seed), h, need_x, need_theta, deterministic);
+  at::Tensor seed_keep;
+  const Dropout dr = dropout_arg(p, seed, x, seed_keep);
+  return impl(g, x, w, weight_t, theta, pj, dr, h, need_x, need_theta, deterministic);
 }
 
 // ---- mixed batches: one adapter per sequence (seq_adapter), theta or a row of the table ----
@@ -294,7 +333,8 @@ using MixedForwardFn = void (*)(at::Tensor, const at::Tensor&, const at::Tensor&
 template <MixedForwardFn impl>
 void mixed_forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
                       const at::Tensor& seq_adapter, const at::Tensor& scales, const at::Tensor& idx_a,
-                      const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p, int64_t seed) {
+                      const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
+                      const c10::optional<at::Tensor>& seed) {
   check_dropout(p);
   const Projection pj = mixed_projection(theta, scales, idx_a, idx_b, r, features(x), features(out), hash_params);
   check_forward(out, x, theta, pj);
@@ -302,7 +342,9 @@ void mixed_forward_op(at::Tensor out, const at::Tensor& x, const at::Tensor& the
               out.scalar_type());
   check_mixed(x, theta, table, seq_adapter);
   if (x.size(0) == 0) return;
-  impl(out, x, theta, table, seq_adapter, pj, make_dropout(p, seed));
+  at::Tensor seed_keep;
+  const Dropout dr = dropout_arg(p, seed, x, seed_keep);
+  impl(out, x, theta, table, seq_adapter, pj, dr);
 }
 
 // Decode rows from adapter columns (one row per sequence): columns is (d, S) fp32, column s the
@@ -325,6 +367,43 @@ void mixed_decode_op(at::Tensor out, const at::Tensor& x, const at::Tensor& colu
   mixed_decode_cpu(out, x, columns, pj);
 }
 
+// The decode columns of a batch (extension.decode_columns keeps them per batch): (d, S) fp32, column s
+// the adapter of sequence s (zeros for -1), or an empty tensor when the batch has so few runs of one
+// adapter (runs * lanes <= S) that gathering once per run costs less. The ids are read here, on the
+// host, where the CPU op runs: Python never reads the tensor.
+at::Tensor decode_columns_op(const at::Tensor& theta, const at::Tensor& table, const at::Tensor& seq_adapter,
+                             int64_t lanes) {
+  TORCH_CHECK(theta.dim() == 1 && is_float(theta.scalar_type()) && theta.size(0) > 0,
+              "unilora: theta_d must be a non-empty 1-D float tensor, got ", theta.scalar_type(), " ", theta.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == theta.size(0) && is_float(table.scalar_type()),
+              "unilora: table must be a float (capacity, d = ", theta.size(0), ") tensor, got ", table.scalar_type(),
+              " ", table.sizes());
+  TORCH_CHECK(seq_adapter.dim() == 1 && seq_adapter.scalar_type() == at::kInt && seq_adapter.size(0) > 0,
+              "unilora: seq_adapter must be a non-empty 1-D int32 tensor, got ", seq_adapter.scalar_type(), " ",
+              seq_adapter.sizes());
+  TORCH_CHECK(lanes > 0, "unilora: lanes must be positive, got ", lanes);
+  check_same_device(table, "table", theta);
+  check_same_device(seq_adapter, "seq_adapter", theta);
+  const at::Tensor seq = seq_adapter.contiguous();
+  const int32_t* ids = seq.const_data_ptr<int32_t>();
+  const int64_t S = seq.size(0), capacity = table.size(0);
+  int64_t runs = 1;
+  int32_t lo = ids[0], hi = ids[0];
+  for (int64_t s = 1; s < S; ++s) {
+    runs += ids[s] != ids[s - 1];
+    lo = std::min(lo, ids[s]);
+    hi = std::max(hi, ids[s]);
+  }
+  TORCH_CHECK_VALUE(lo >= -1 && hi <= capacity, "seq_adapter ids must lie in [-1, ", capacity, "], got [", lo, ", ",
+                    hi, "]");
+  if (runs * lanes <= S) return at::empty({0, 0}, theta.options().dtype(at::kFloat));
+  const at::Tensor idx = seq.to(at::kLong);
+  const at::Tensor rows = capacity > 0 ? table.index_select(0, (idx - 1).clamp_min(0)) : theta.unsqueeze(0);
+  const at::Tensor cols =
+      at::where((idx == 0).unsqueeze(1), theta.unsqueeze(0), rows).to(at::kFloat) * (idx >= 0).unsqueeze(1);
+  return cols.t().contiguous();
+}
+
 using MixedBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Projection&,
     const Dropout&, bool, bool, bool);
@@ -333,7 +412,8 @@ template <MixedBackwardFn impl>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_op(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
     const at::Tensor& seq_adapter, const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b,
-    int64_t r, at::IntArrayRef hash_params, double p, int64_t seed, bool need_x, bool need_theta, bool deterministic) {
+    int64_t r, at::IntArrayRef hash_params, double p, const c10::optional<at::Tensor>& seed, bool need_x,
+    bool need_theta, bool deterministic) {
   check_dropout(p);
   const Projection pj = mixed_projection(theta, scales, idx_a, idx_b, r, features(x), features(g), hash_params);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == pj.in_f, "unilora: x must be 2-D (M, ", pj.in_f, "), got ", x.sizes());
@@ -350,7 +430,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_op(
             need_theta ? at::zeros_like(theta) : at::empty({0}, theta.options()),
             need_theta ? at::zeros_like(table) : at::empty({0}, table.options())};
   }
-  return impl(g, x, theta, table, seq_adapter, pj, make_dropout(p, seed), need_x, need_theta, deterministic);
+  at::Tensor seed_keep;
+  const Dropout dr = dropout_arg(p, seed, x, seed_keep);
+  return impl(g, x, theta, table, seq_adapter, pj, dr, need_x, need_theta, deterministic);
 }
 
 // ---- bit-exactness test ops: the header's functions over a tensor of int64 arguments ----
@@ -406,13 +488,13 @@ TORCH_LIBRARY(unilora_C, m) {
   // out += drop(x) A^T B^T in place; returns h = drop(x) A^T (M x r, fp32; fp64 if x or theta is).
   m.def(
       "forward_(Tensor(a!) out, Tensor x, Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
-      "int[] hash_params, float p, int seed) -> Tensor");
+      "int[] hash_params, float p, Tensor? seed) -> Tensor");
   // (grad_x, grad_theta). grad_x: ((g B) A) * mask, added into the given grad_x in place (then the
   // first output is empty) or returned in x's dtype; grad_theta: P^T [dA | dB], theta's dtype.
   // An output that was not asked for (need_x / need_theta false) is empty.
   m.def(
       "backward(Tensor grad_out, Tensor x, Tensor theta, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
-      "int[] hash_params, float p, int seed, Tensor h, Tensor(a!)? grad_x, bool need_x, bool need_theta, "
+      "int[] hash_params, float p, Tensor? seed, Tensor h, Tensor(a!)? grad_x, bool need_x, bool need_theta, "
       "bool deterministic) -> (Tensor, Tensor)");
   // Dense A (r x in) and B (out x r) in theta's dtype (merge, export); differentiable in theta.
   m.def(
@@ -426,31 +508,33 @@ TORCH_LIBRARY(unilora_C, m) {
   // (out, h). h may be empty ((0, r): the CPU backward recomputes it from x).
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, Tensor idx_a, "
-      "Tensor idx_b, int r, int[] hash_params, float p, int seed) -> (Tensor, Tensor)");
+      "Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed) -> (Tensor, Tensor)");
   // Its backward: (grad_x = g W + ((g B) A) * mask, grad_theta); unrequested outputs are empty.
   m.def(
       "linear_backward(Tensor grad_out, Tensor x, Tensor weight, bool weight_t, Tensor theta, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed, Tensor h, bool need_x, bool need_theta, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, Tensor h, bool need_x, bool need_theta, "
       "bool deterministic) -> (Tensor, Tensor)");
   // The output of `linear`, differentiable in x, weight, bias and theta with its autograd in C++
   // (csrc/autograd.cpp): the eager training path of UniLoRALinear on the compiled backends.
   m.def(
       "linear_autograd(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed, bool deterministic) -> Tensor");
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, bool deterministic) -> Tensor");
   // Mixed batches: row m runs the adapter of its sequence seq_adapter[m / (M / S)] (int32 (S,), on x's
   // device): -1 none, 0 theta, k > 0 row k - 1 of table (capacity, d). out (x's dtype) += drop(x) A_a^T B_a^T.
   m.def(
       "mixed_forward_(Tensor(a!) out, Tensor x, Tensor theta, Tensor table, Tensor seq_adapter, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed) -> ()");
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed) -> ()");
   // Decode rows (one per sequence) whose adapters are the columns of `columns` (d, S) fp32 (CPU).
   m.def(
       "mixed_decode_(Tensor(a!) out, Tensor x, Tensor columns, Tensor scales, Tensor idx_a, Tensor idx_b, int r, "
       "int[] hash_params) -> ()");
+  // The (d, S) fp32 adapter columns of a decode batch, or an empty tensor when too few runs (CPU).
+  m.def("decode_columns(Tensor theta, Tensor table, Tensor seq_adapter, int lanes) -> Tensor");
   // Its backward, the update alone: (grad_x in x's dtype, zero on base rows; grad_theta (d,); grad_table
   // (capacity, d)), each in its tensor's dtype; an output that was not asked for is empty.
   m.def(
       "mixed_backward(Tensor grad_out, Tensor x, Tensor theta, Tensor table, Tensor seq_adapter, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, int seed, bool need_x, bool need_theta, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, bool need_x, bool need_theta, "
       "bool deterministic) -> (Tensor, Tensor, Tensor)");
   // Test ops: the header's index and dropout functions, element-wise over int64 tensors.
   m.def("_hashed_index(Tensor positions, int D, int d, int key) -> Tensor");
@@ -467,6 +551,7 @@ TORCH_LIBRARY_IMPL(unilora_C, CPU, m) {
   m.impl("mixed_forward_", &unilora::mixed_forward_op<&unilora::mixed_forward_cpu>);
   m.impl("mixed_backward", &unilora::mixed_backward_op<&unilora::mixed_backward_cpu>);
   m.impl("mixed_decode_", &unilora::mixed_decode_op);
+  m.impl("decode_columns", &unilora::decode_columns_op);
   m.impl("_hashed_index", &unilora::hashed_index_op_cpu);
   m.impl("_philox_randint", &unilora::philox_op_cpu);
 }

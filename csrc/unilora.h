@@ -78,13 +78,13 @@ void mixed_decode_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& col
 // ---- autograd.cpp: unilora_C::linear_autograd, the output of `linear` with autograd in C++ ----
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
-                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p, int64_t seed,
-                           bool deterministic);
+                           const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
+                           const c10::optional<at::Tensor>& seed, bool deterministic);
 // Below autograd (inference mode): the output alone.
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
                               const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
-                              double p, int64_t seed, bool deterministic);
+                              double p, const c10::optional<at::Tensor>& seed, bool deterministic);
 
 #ifdef UNILORA_WITH_CUDA
 // ---- CUDA (cuda_*.cu) ----
@@ -115,6 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cuda(const at::Ten
                                                                    bool deterministic);
 at::Tensor hashed_index_cuda(const at::Tensor& positions, const HashedProjection& hash);
 at::Tensor philox_randint_cuda(const at::Tensor& offsets, uint64_t seed);
+namespace cuda {
+// The dropout seed of a CUDA op on x's device: a CUDA seed as it is (on x's device), a CPU seed
+// copied there without a host sync (refused during graph capture: the copy would not replay).
+at::Tensor device_seed(const at::Tensor& seed, const at::Tensor& x);
+}  // namespace cuda
 #endif
 
 }  // namespace unilora

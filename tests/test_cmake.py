@@ -38,10 +38,10 @@ SMOKE = textwrap.dedent(
     x, base, grad = torch.randn(M, in_f, generator=g), torch.randn(M, out_f, generator=g), torch.randn(M, out_f, generator=g)
     for rows in (M, 1):  # the BLAS path and the small-M path
         out = base[:rows].clone()
-        h = C.forward_(out, x[:rows], theta, scales, idx_a, idx_b, r, [], 0.0, 0)
+        h = C.forward_(out, x[:rows], theta, scales, idx_a, idx_b, r, [], 0.0, None)
         torch.testing.assert_close(h, x[:rows] @ A.t())
         torch.testing.assert_close(out, base[:rows] + x[:rows] @ A.t() @ B.t())
-    gx, gt = C.backward(grad, x, theta, scales, idx_a, idx_b, r, [], 0.0, 0, x @ A.t(), None, True, True, False)
+    gx, gt = C.backward(grad, x, theta, scales, idx_a, idx_b, r, [], 0.0, None, x @ A.t(), None, True, True, False)
     torch.testing.assert_close(gx, grad @ B @ A)
     dA, dB = (grad @ B).t() @ x, grad.t() @ (x @ A.t())
     ref = torch.zeros(d).index_add_(0, idx_a.reshape(-1).long(), (dA * scales[idx_a.long()]).reshape(-1))

@@ -22,7 +22,7 @@ from torch import nn
 
 import unilora_kernels as uk
 from contract import check_linear_autograd, kind_p_params
-from oracle import assert_close, make_projection, random_theta
+from oracle import assert_close, make_projection, oracle, random_theta
 from unilora_kernels import backends, philox
 from unilora_kernels import projection as P
 from unilora_kernels.build_info import extension_info
@@ -109,7 +109,7 @@ def _op_samples(kind, device="cpu", p=0.0):
     out = torch.randn(M, out_f, device=device)
     g = torch.randn(M, out_f, device=device)
     hash_params = list(proj.hash_params)
-    seed = 777 if p > 0 else 0
+    seed = torch.tensor([777]) if p > 0 else None
     common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, hash_params, p, seed)
     return proj, theta, x, out, g, common, (M, in_f, out_f, r, d)
 
@@ -168,6 +168,62 @@ def test_linear_autograd_gradcheck(p):
                                     (x, w, b, theta))
 
 
+# ------------------------------------------------------------------ tensor seeds -------------
+@needs_ext
+@pytest.mark.parametrize("kind", ["uniform", "hashed"])
+@pytest.mark.parametrize("value", [987654321, 2**62 - 1])  # the key's high word matters too
+def test_cpp_ops_take_tensor_seeds(kind, value):
+    """The ops' seed is a one-element int64 tensor: forward_/backward, linear/linear_backward and
+    linear_autograd draw the mask of the seed's value (the float64 oracle's philox.dropout_keep),
+    the same bits as a Python int through the backend functions."""
+    M, in_f, out_f, r, p = 9, 21, 13, 3, 0.35
+    proj, theta, x = _inputs((M, in_f, out_f, r), torch.float32, kind)
+    base, g = torch.randn(M, out_f), torch.randn(M, out_f)
+    seed = torch.tensor([value])
+    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, list(proj.hash_params), p, seed)
+    ref = oracle(x, theta, proj, base_out=base, p=p, seed=value, grad_out=g)
+    out = base.clone()
+    h = C.forward_(out, x, *common)
+    gx, gt = C.backward(g, x, *common, h, None, True, True, False)
+    for got, what in ((out, "out"), (gx, "grad_x"), (gt, "grad_theta")):
+        assert_close(got, ref[what], torch.float32, what)
+    out_int = base.clone()
+    assert torch.equal(ext.forward_(out_int, x, theta, proj, p, value), h) and torch.equal(out_int, out)
+    assert torch.equal(ext.backward(g, x, theta, proj, p, value, h, None, True, True)[1], gt)
+    w, b = torch.randn(out_f, in_f) / in_f**0.5, torch.randn(out_f)
+    ref = oracle(x, theta, proj, weight=w, bias=b, p=p, seed=value, grad_out=g)
+    out, h = C.linear(x, w, b, False, *common)
+    gx, gt = C.linear_backward(g, x, w, False, *common, h, True, True, False)
+    for got, what in ((out, "out"), (gx, "grad_x"), (gt, "grad_theta")):
+        assert_close(got, ref[what], torch.float32, "linear " + what)
+    xa, ta = x.clone().requires_grad_(True), theta.clone().requires_grad_(True)
+    out = C.linear_autograd(xa, w, b, False, ta, *common[1:], False)
+    gx, gt = torch.autograd.grad(out, [xa, ta], g)
+    for got, what in ((out, "out"), (gx, "grad_x"), (gt, "grad_theta")):
+        assert_close(got, ref[what], torch.float32, "linear_autograd " + what)
+
+
+@needs_ext
+def test_seed_arguments_are_checked():
+    proj, theta, x = _inputs((3, 9, 5, 2), torch.float32, "uniform")
+    out = torch.zeros(3, 5)
+    args = (x, theta, proj.scales, proj.idx_a, proj.idx_b, 2, [], 0.5)
+    with pytest.raises(RuntimeError, match=r"dropout p = 0.5 > 0 needs a seed"):
+        C.forward_(out, *args, None)
+    for bad in (torch.tensor([1, 2]), torch.tensor([1], dtype=torch.int32), torch.tensor(1.0)):
+        with pytest.raises(RuntimeError, match="the dropout seed must be a one-element int64 tensor"):
+            C.forward_(out, *args, bad)
+    C.forward_(out, *args[:-1], 0.0, torch.tensor([1, 2]))  # no dropout: the seed is not looked at
+    # A CPU call reads its seed on the host: a seed on another device is refused, by the backend
+    # before the call and by the C++ op itself (called on its CPU kernel: a seed on another device
+    # would route the dispatcher elsewhere, to the fake kernel for this meta seed).
+    off_cpu = torch.tensor([1], device="meta")
+    with pytest.raises(ValueError, match="dropout seed of a CPU call must be a CPU tensor"):
+        ext.forward_(out, x, theta, proj, 0.5, off_cpu)
+    with pytest.raises(RuntimeError, match="a CPU op reads its dropout seed on the host, so it must be a CPU tensor"):
+        C.forward_.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), out, *args, off_cpu)
+
+
 # ------------------------------------------------------------------ bit-exact header ---------
 @needs_ext
 @pytest.mark.parametrize("D", [1, 2, 3, 4, 5, 16, 17, 1000, 4096, 65537, 23_040 * 11 + 5, 2**31 - 1])
@@ -201,7 +257,7 @@ def test_philox_and_dropout_mask_bit_exact():
             proj = _unit_projection(in_f, c)
             theta = torch.ones(2)
             out = torch.zeros(M, 1)
-            h = C.forward_(out, torch.ones(M, in_f), theta, *proj, 1, [], p, 4242)
+            h = C.forward_(out, torch.ones(M, in_f), theta, *proj, 1, [], p, torch.tensor([4242]))
             assert torch.equal(h[:, 0] != 0, keep[:, c]), (p, c)
 
 
@@ -225,21 +281,21 @@ def test_bad_inputs_raise_clear_errors():
         ext.forward_(out, x[:, :8], theta, proj, 0.0, None)
     with pytest.raises(ValueError, match="needs a seed"):
         ext.forward_(out, x, theta, proj, 0.5, None)
-    common = (proj.scales, proj.idx_a, proj.idx_b, 2, [], 0.0, 0)
+    common = (proj.scales, proj.idx_a, proj.idx_b, 2, [], 0.0, None)
     with pytest.raises(RuntimeError, match="out must be contiguous"):
         C.forward_(torch.zeros(5, 3).t(), x, theta, *common)
     with pytest.raises(RuntimeError, match="idx_a must be int32"):
-        C.forward_(out, x, theta, proj.scales, proj.idx_a.long(), proj.idx_b, 2, [], 0.0, 0)
+        C.forward_(out, x, theta, proj.scales, proj.idx_a.long(), proj.idx_b, 2, [], 0.0, None)
     bad = proj.idx_a.clone()
     bad[1, 3] = D_SMALL  # one index past the end of theta_d
     with pytest.raises(RuntimeError, match=r"outside \[0, d = 97\)"):
-        C.forward_(out, x, theta, proj.scales, bad, proj.idx_b, 2, [], 0.0, 0)
+        C.forward_(out, x, theta, proj.scales, bad, proj.idx_b, 2, [], 0.0, None)
     with pytest.raises(RuntimeError, match=r"outside \[0, d = 97\)"):
-        C.forward_(torch.zeros(300, 5), torch.randn(300, 9), theta, proj.scales, bad, proj.idx_b, 2, [], 0.0, 0)
+        C.forward_(torch.zeros(300, 5), torch.randn(300, 9), theta, proj.scales, bad, proj.idx_b, 2, [], 0.0, None)
     with pytest.raises(RuntimeError, match="does not fit D"):
-        C.forward_(out, x, theta, P.hashed_scales(10, 97), proj.idx_a, proj.idx_b, 2, [10, 0, 1], 0.0, 0)
+        C.forward_(out, x, theta, P.hashed_scales(10, 97), proj.idx_a, proj.idx_b, 2, [10, 0, 1], 0.0, None)
     with pytest.raises(RuntimeError, match="dropout probability"):
-        C.forward_(out, x, theta, proj.scales, proj.idx_a, proj.idx_b, 2, [], 1.5, 0)
+        C.forward_(out, x, theta, proj.scales, proj.idx_a, proj.idx_b, 2, [], 1.5, None)
     with pytest.raises(RuntimeError, match="theta_d must be contiguous"):
         C.forward_(out, x, torch.randn(2 * D_SMALL)[::2], *common)
     assert ext.unavailable_reason("cpu") is None
@@ -275,7 +331,8 @@ def test_ci_build_log_sm80_sm90_no_spills():
     archs = {a for _, a, *_ in entries}
     assert {"80", "90"} <= archs, f"kernels compiled for sm_{sorted(archs)}, expected sm_80 and sm_90"
     kernels = {name for name, *_ in entries}
-    for needle in ("decode_kernel", "gather_kernel", "scatter_atomic_kernel", "scatter_sorted_kernel"):
+    for needle in ("decode_kernel", "gather_kernel", "prepare_kernel", "scatter_atomic_kernel",
+                   "scatter_sorted_kernel"):
         assert any(needle in k for k in kernels), f"{needle} missing from the build log"
     spills = [(n, a, s, l) for n, a, _, s, l in entries if int(s) or int(l)]
     assert not spills, f"ptxas reports spills: {spills[:5]}"

@@ -3,17 +3,20 @@
 The backend contract (tests/test_backend_contract.py) runs ``cuda`` on odd shapes, gradcheck
 included; here, at real sizes: the fused decode kernel (M <= 16) and the gather + cuBLAS path
 against the float64 oracle, the atomic and the deterministic scatter, the header's bit-exact index
-and dropout math, opcheck of the C++ ops, linear_autograd, and CUDA-graph capture of the
-cooperative decode launch.
+and dropout math, opcheck of the C++ ops, linear_autograd (every needs-grad combination, device
+seeds), a CUDA seed refused by a CPU op, and CUDA-graph capture of the cooperative decode launch
+and of forward + backward with dropout drawing a fresh seed on the device per replay.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
 from contract import check_linear_autograd, check_primitives
-from oracle import assert_close, make_projection, random_theta
+from oracle import assert_close, make_projection, oracle, random_theta
 from unilora_kernels import backends, philox
 from unilora_kernels import projection as P
 from unilora_kernels.build_info import extension_info
@@ -99,7 +102,8 @@ def test_opcheck_every_cpp_op_on_cuda(kind, p):
     proj = make_projection(in_f, out_f, r, d, kind, device=DEV)
     theta = random_theta(d, 0, DEV)
     x, out, g = torch.randn(M, in_f, device=DEV), torch.randn(M, out_f, device=DEV), torch.randn(M, out_f, device=DEV)
-    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, list(proj.hash_params), p, 777 if p else 0)
+    seed = torch.tensor([777], device=DEV) if p else None
+    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, list(proj.hash_params), p, seed)
     for xs in (x, x.double()):  # fused decode kernel, and the fp64 cuBLAS path
         torch.library.opcheck(C.forward_.default, (out.to(xs.dtype).clone(), xs) + common)
     h = C.forward_(out.clone(), x, *common)
@@ -152,3 +156,88 @@ def test_backend_resolution_and_prefer_rule():
 def test_linear_autograd_on_cuda(M, dtype):
     """unilora_C::linear_autograd (UniLoRALinear's eager training path) on CUDA tensors."""
     check_linear_autograd(ext, DEV, (M, 1024, 512, 4), dtype, weight_t=False, with_bias=True, p=0.0)
+
+
+@pytest.mark.parametrize("M", [4, 300])  # the fused decode forward, and prepare + cuBLAS
+@pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_linear_autograd_on_cuda_with_device_seed_matches_oracle(M, weight_t, dtype):
+    """linear_autograd on CUDA with dropout and a seed drawn on the device: out and every
+    gradient (x, theta, a trainable weight and bias) against the float64 oracle, for every subset
+    of inputs that needs a gradient."""
+    in_f, out_f, r, p = 192, 160, 8, 0.3
+    proj = make_projection(in_f, out_f, r, 997, "uniform", seed=1, device=DEV, extra_layers=1)
+    seed = torch.randint(0, 2**62, (1,), device=DEV)
+    value = int(seed.item())  # the test reads it, for the oracle; the op never does
+    theta0 = random_theta(997, 3, DEV)
+    w0 = ((torch.randn(in_f, out_f) if weight_t else torch.randn(out_f, in_f)) / in_f**0.5).to(DEV, dtype)
+    b0 = torch.randn(out_f).to(DEV, dtype)
+    x0 = torch.randn(M, in_f).to(DEV, dtype)
+    g = torch.randn(M, out_f).to(DEV, dtype)
+    ref = oracle(x0, theta0, proj, weight=w0, bias=b0, weight_t=weight_t, p=p, seed=value, grad_out=g)
+    x64, g64 = x0.double().cpu(), g.double().cpu()
+    ref["grad_weight"] = x64.t() @ g64 if weight_t else g64.t() @ x64
+    for need in itertools.product([False, True], repeat=4):
+        x, w, b, theta = (t.clone().requires_grad_(n) for t, n in zip((x0, w0, b0, theta0), need))
+        out = ext.linear_autograd(x, w, b, weight_t, theta, proj, p, seed)
+        assert_close(out, ref["out"], dtype, f"out {need}")
+        wanted = [(t, name) for t, name, n in zip((x, w, b, theta), ("grad_x", "grad_weight", "grad_bias",
+                                                                        "grad_theta"), need) if n]
+        if not wanted:
+            assert not out.requires_grad
+            continue
+        grads = torch.autograd.grad(out, [t for t, _ in wanted], g)
+        for got, (_, name) in zip(grads, wanted):
+            assert_close(got, ref[name], dtype, f"{name} {need}")
+
+
+def test_cuda_seed_on_a_cpu_op_is_refused():
+    proj, theta, x = _inputs((3, 37, 53, 3), torch.float32, "uniform")
+    proj_cpu = proj._replace(idx_a=proj.idx_a.cpu(), idx_b=proj.idx_b.cpu(), scales=proj.scales.cpu())
+    xc, tc, out = x.cpu(), theta.cpu(), torch.zeros(3, 53)
+    seed = torch.tensor([5], device=DEV)
+    with pytest.raises(ValueError, match="dropout seed of a CPU call must be a CPU tensor"):
+        ext.forward_(out, xc, tc, proj_cpu, 0.5, seed)
+    with pytest.raises(RuntimeError, match="a CPU op reads its dropout seed on the host, so it must be a CPU tensor"):
+        C.forward_(out, xc, tc, proj_cpu.scales, proj_cpu.idx_a, proj_cpu.idx_b, 3, [], 0.5, seed)
+
+
+@pytest.mark.parametrize("M", [4, 96])  # decode forward (one launch) and prepare + cuBLAS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_forward_backward_capture_in_a_cuda_graph_with_fresh_dropout(M, dtype):
+    """Forward and backward of the cuda backend inside torch.cuda.graph capture, with dropout whose
+    seed is drawn on the device in the graph: each replay draws a fresh mask (the kernels load the
+    seed; nothing was read on the host at capture), and each replay matches the float64 oracle
+    for the seed it drew."""
+    in_f, out_f, r, p = 256, 192, 8, 0.25
+    proj, theta, x = _inputs((M, in_f, out_f, r), dtype, "uniform")
+    base = torch.randn(M, out_f, device=DEV).to(dtype)
+    g = torch.randn(M, out_f, device=DEV).to(dtype)
+    seed = torch.zeros(1, dtype=torch.int64, device=DEV)
+    out = base.clone()
+
+    def step():
+        seed.copy_(torch.randint(0, 2**62, (1,), device=DEV))
+        out.copy_(base)
+        h = ext.forward_(out, x, theta, proj, p, seed)
+        return ext.backward(g, x, theta, proj, p, seed, h, None, True, True)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up outside the capture (occupancy query, allocator)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gx, gt = step()
+    seen = set()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        value = int(seed.item())
+        seen.add(value)
+        ref = oracle(x, theta, proj, base_out=base, p=p, seed=value, grad_out=g)
+        assert_close(out, ref["out"], dtype, "out")
+        assert_close(gx, ref["grad_x"], dtype, "grad_x")
+        assert_close(gt, ref["grad_theta"], dtype, "grad_theta")
+    assert len(seen) == 3, "every replay must draw a fresh seed"

@@ -186,6 +186,59 @@ def test_cpu_strided_rows(x_dtype, T):
 
 
 @needs_ext
+def test_cpu_mixed_ops_take_tensor_seeds():
+    """The C++ mixed ops take the dropout seed as a one-element int64 tensor: the oracle's mask of
+    its value (a key above 2^32 too), the same bits as the int through the backend functions."""
+    proj, theta, table, seq, x, out, g = _case(**ODD, kind="uniform", x_dtype=torch.float32,
+                                               table_dtype=torch.float32, capacity=4, ids=[2, -1, 0, 2, 4])
+    p, value = 0.3, 2**40 + 3
+    common = (proj.scales, proj.idx_a, proj.idx_b, proj.r, [], p, torch.tensor([value]))
+    got = out.clone()
+    C.mixed_forward_(got, x, theta, table, seq, *common)
+    ref = mixed_oracle(x, theta, table, seq, proj, p=p, seed=value, grad_out=g)
+    assert_close(got.double() - out.double(), ref["upd"], torch.float32, "update")
+    grads = C.mixed_backward(g, x, theta, table, seq, *common, True, True, False)
+    for got_grad, what in zip(grads, ("grad_x", "grad_theta", "grad_table")):
+        assert_close(got_grad, ref[what], torch.float32, what)
+    via_int = out.clone()
+    ext.mixed_forward_(via_int, x, theta, table, seq, proj, p, value)
+    assert torch.equal(via_int, got)
+    for a, b in zip(ext.mixed_backward(g, x, theta, table, seq, proj, p, value, True, True), grads):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_cpu_decode_columns_read_nothing_on_the_python_side():
+    """The decode columns' decision (id range, runs of one adapter) is made in C++: a
+    TorchFunctionMode spy sees no host read of a tensor in the forward, cached or not."""
+    from torch.overrides import TorchFunctionMode
+
+    reads = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__bool__,
+             torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.numpy}
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in reads:
+                seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    proj, theta, table, seq, x, out, g = _case(37, 1, 45, 33, 4, 301, kind="uniform", x_dtype=torch.float32,
+                                               table_dtype=torch.float32, capacity=3,
+                                               ids=[(s % 4) - 1 for s in range(37)])
+    ref = mixed_oracle(x, theta, table, seq, proj)["upd"]
+    for _ in range(2):  # builds the columns, then reuses them
+        got = torch.zeros_like(out)
+        with Spy():
+            ext.mixed_forward_(got, x, theta, table, seq, proj, 0.0, None)
+        assert_close(got, ref, torch.float32, "decode")
+    assert ext.decode_columns(theta, table, seq) is not None  # the column kernel ran
+    assert not seen, f"host reads in the forward: {seen}"
+    with pytest.raises(ValueError, match=r"seq_adapter ids must lie in \[-1, 3\], got \[0, 4\]"):
+        ext.decode_columns(theta, table, torch.tensor([4] + [0] * 36, dtype=torch.int32))
+
+
+@needs_ext
 def test_cpu_need_flags_and_determinism():
     proj, theta, table, seq, x, out, g = _case(**ODD, kind="hashed", x_dtype=torch.float32,
                                                table_dtype=torch.float32, capacity=4, ids=[2, -1, 0, 2, 4])
@@ -213,7 +266,7 @@ def test_cpu_empty_batch():
 def test_cpu_bad_inputs_raise_clear_errors():
     proj, theta, table, seq, x, out, g = _case(**ODD, kind="uniform", x_dtype=torch.float32,
                                                table_dtype=torch.float32, capacity=4, ids=[2, -1, 0, 2, 4])
-    common = (proj.scales, proj.idx_a, proj.idx_b, proj.r, [], 0.0, 0)
+    common = (proj.scales, proj.idx_a, proj.idx_b, proj.r, [], 0.0, None)
 
     def fwd(out=out, x=x, theta=theta, table=table, seq=seq):
         C.mixed_forward_(out.clone(), x, theta, table, seq, *common)
@@ -250,7 +303,7 @@ def test_cpu_bad_inputs_raise_clear_errors():
 def test_opcheck_mixed_ops(kind):
     proj, theta, table, seq, x, out, g = _case(**ODD, kind=kind, x_dtype=torch.float32, table_dtype=torch.float32,
                                                capacity=4, ids=[2, -1, 0, 2, 4])
-    common = (proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), 0.2, 99)
+    common = (proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), 0.2, torch.tensor([99]))
     torch.library.opcheck(C.mixed_forward_.default, (out.clone(), x, theta, table, seq) + common)
     for need_x, need_t in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(C.mixed_backward.default, (g, x, theta, table, seq) + common + (need_x, need_t, False))

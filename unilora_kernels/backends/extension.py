@@ -12,11 +12,13 @@ What runs where:
   accumulation on every machine); the backward scatter-adds dA and dB into one d-length
   gradient in one pass (serial adds: deterministic).
 * ``cuda``, forward: M <= 16 rows and r <= 64 with fp16/bf16/fp32 activations -> one fused
-  cooperative kernel (A and B gathered on the fly, warp reductions); otherwise the gather
-  kernel builds A and B and cuBLAS does the two products (``addmm_`` into the output).
-  Backward: gather kernel + cuBLAS for dA, dB and grad_x, then the theta_d scatter-add kernel
-  (fp32 atomics), or, when ``torch.are_deterministic_algorithms_enabled()`` or
-  ``UNILORA_DETERMINISTIC=1``, a sort-based segmented scatter in a fixed order.
+  cooperative kernel (A and B gathered on the fly, warp reductions); otherwise one ``prepare``
+  launch gathers A and B in the GEMM dtype (and applies dropout to x) and cuBLAS does the two
+  products (h in fp32 straight from cuBLAS; ``addmm_`` into the output). Backward: one ``prepare``
+  launch (gather, dropout of x, h in the GEMM dtype, the zeroed theta gradient), cuBLAS for
+  grad_x, dA and dB (fp32 outputs), then the theta_d scatter-add kernel (fp32 atomics), or, when
+  ``torch.are_deterministic_algorithms_enabled()`` or ``UNILORA_DETERMINISTIC=1``, a sort-based
+  segmented scatter in a fixed order.
 * mixed batches (``mixed_forward_`` / ``mixed_backward``, one adapter per sequence): on ``cpu``
   each run of rows with one adapter gathers its A and B once into thread-local buffers (SIMD
   loops or BLAS row blocks); decode (one row per sequence) reads the batch's adapters as the
@@ -25,6 +27,11 @@ What runs where:
   and each adapter's gradient is scattered by one thread (deterministic); on ``cuda`` one block
   per row gathers on the fly (r <= DECODE_MAX_R) and the backward adds theta/table gradients with
   atomics, so deterministic mode is refused there with an error.
+
+Seeds (backends/__init__.py) reach the ops as tensors, never read in Python: a CPU op reads a CPU
+seed in C++ (a CUDA seed there is an error); a CUDA op's kernels load it through a device pointer,
+so forward and backward stay sync-free and graph-capturable with a seed drawn on the device (a CPU
+seed is copied to the device first, without a host sync, and refused during graph capture).
 """
 
 from __future__ import annotations
@@ -45,7 +52,10 @@ except ImportError as exc:  # not built: the backends report why instead of fail
 else:
     _IMPORT_ERROR = None
     # A library built from older sources lacks ops this Python code calls: refuse it by name.
-    _stale = [op for op in ("mixed_forward_", "mixed_backward") if not hasattr(torch.ops.unilora_C, op)]
+    _stale = [op for op in ("mixed_forward_", "mixed_backward", "decode_columns")
+              if not hasattr(torch.ops.unilora_C, op)]
+    if not _stale and str(torch.ops.unilora_C.forward_.default._schema.arguments[9].type) != "Optional[Tensor]":
+        _stale = ["forward_ taking a tensor seed"]
     if _stale:
         _C, _IMPORT_ERROR = None, f"built from older sources: no unilora_C::{_stale[0]}"
 
@@ -215,10 +225,20 @@ def _check(x: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, other: t
         )
 
 
-def _seed(p: float, seed) -> int:
-    if p > 0 and seed is None:
+def _seed(p: float, seed, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ops' seed argument: None without dropout, else the one-element int64 tensor as given
+    (never read here: CPU ops read it in C++, CUDA kernels load it on the device); a Python int
+    (tests, the backend contract) becomes a CPU tensor."""
+    if p == 0:
+        return None
+    if seed is None:
         raise ValueError("dropout_p > 0 needs a seed")
-    return int(seed) if seed is not None else 0
+    if isinstance(seed, int):
+        return torch.tensor([seed], dtype=torch.int64)
+    if x.device.type == "cpu" and seed.device.type != "cpu":
+        raise ValueError(f"the dropout seed of a CPU call must be a CPU tensor (it is read on the host), got one on "
+                         f"{seed.device}")
+    return seed
 
 
 def forward_(out: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, proj: LayerProjection, p: float, seed):
@@ -226,7 +246,7 @@ def forward_(out: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, proj: Laye
     the fp32 product rounded once); returns ``h = drop(x) A^T`` (M x r, fp32; fp64 if x or theta is)."""
     _check(x, theta, proj, out, "out")
     return torch.ops.unilora_C.forward_(
-        out, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), float(p), _seed(p, seed)
+        out, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), float(p), _seed(p, seed, x)
     )
 
 
@@ -235,8 +255,8 @@ def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need
     dtype); grad_theta = P^T [dA | dB] in theta's dtype, the one d-length tensor of the call."""
     _check(x, theta, proj, g, "grad_out")
     new_gx, grad_theta = torch.ops.unilora_C.backward(
-        g, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), float(p), _seed(p, seed), h,
-        grad_x, bool(need_x), bool(need_theta), deterministic(),
+        g, x, theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), float(p), _seed(p, seed, x),
+        h, grad_x, bool(need_x), bool(need_theta), deterministic(),
     )
     if need_x and grad_x is None:
         grad_x = new_gx
@@ -251,7 +271,7 @@ def linear(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: flo
     adding (x A^T) B^T to the output: fewer bytes moved, the same function up to rounding."""
     return torch.ops.unilora_C.linear(
         x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed),
+        float(p), _seed(p, seed, x),
     )
 
 
@@ -260,7 +280,7 @@ def linear_autograd(x, weight, bias, weight_t: bool, theta, proj: LayerProjectio
     ``UniLoRALinear`` runs for eager training on the ``cpu`` backend, one C++ call each way."""
     return torch.ops.unilora_C.linear_autograd(
         x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed), deterministic(),
+        float(p), _seed(p, seed, x), deterministic(),
     )
 
 
@@ -269,7 +289,7 @@ def linear_backward(g, x, weight, weight_t: bool, theta, proj: LayerProjection, 
     """(grad_x, grad_theta) of ``linear``: grad_x = g W + ((g B) A) * mask; None where not asked for."""
     gx, gt = torch.ops.unilora_C.linear_backward(
         g, x, weight, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed), h, bool(need_x), bool(need_theta), deterministic(),
+        float(p), _seed(p, seed, x), h, bool(need_x), bool(need_theta), deterministic(),
     )
     return (gx if need_x else None), (gt if need_theta else None)
 
@@ -302,7 +322,7 @@ def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: 
             return
     torch.ops.unilora_C.mixed_forward_(
         out, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed),
+        float(p), _seed(p, seed, x),
     )
 
 
@@ -324,16 +344,10 @@ def decode_columns(theta, table, seq_adapter) -> Optional[torch.Tensor]:
     hit = _columns_cache.get("entry")
     if hit is not None and hit[0] == key and hit[1]() is seq_adapter:
         return hit[2]
-    ids = seq_adapter.long()
-    ids_list = ids.tolist()
-    if min(ids_list) < -1 or max(ids_list) > table.shape[0]:
-        raise ValueError(f"seq_adapter ids must lie in [-1, {table.shape[0]}], got [{min(ids_list)}, {max(ids_list)}]")
-    runs = 1 + sum(a != b for a, b in zip(ids_list, ids_list[1:]))
-    columns = None
-    if runs * DECODE_COLUMN_LANES > len(ids_list):
-        rows = table.index_select(0, (ids - 1).clamp(min=0)) if table.shape[0] else theta[None]
-        cols = torch.where((ids == 0)[:, None], theta[None], rows).float() * (ids >= 0)[:, None]
-        columns = cols.t().contiguous()
+    # C++ reads the ids (checks them, counts the runs) and builds the columns: no host read here.
+    columns = torch.ops.unilora_C.decode_columns(theta, table, seq_adapter, DECODE_COLUMN_LANES)
+    if columns.numel() == 0:
+        columns = None
     _columns_cache["entry"] = (key, weakref.ref(seq_adapter), columns)
     return columns
 
@@ -346,6 +360,6 @@ def mixed_backward(g, x, theta, table, seq_adapter, proj: LayerProjection, p: fl
     _check(x, theta, proj, g, "grad_out", ACTIVATION_DTYPES)
     gx, gt, gtab = torch.ops.unilora_C.mixed_backward(
         g, x, theta, table, seq_adapter, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed), bool(need_x), bool(need_theta), deterministic(),
+        float(p), _seed(p, seed, x), bool(need_x), bool(need_theta), deterministic(),
     )
     return (gx if need_x else None), (gt if need_theta else None), (gtab if need_theta else None)
