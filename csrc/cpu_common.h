@@ -72,7 +72,7 @@ void forward_small(const at::Tensor& x, at::Tensor& out, const at::Tensor& theta
 // Whether decode_linear takes this call: fp32 nn.Linear at M <= kSmallM without dropout.
 bool use_decode_linear(int64_t M, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        bool weight_t, const at::Tensor& theta, const Projection& pj, const Dropout& dr);
-// Whether decode_backward takes this call: fp32 at M <= kSmallM without dropout, unit column strides.
+// Whether decode_backward takes this call: fp32 at M <= kSmallM without dropout (any strides).
 bool use_decode_backward(int64_t M, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                          const at::Tensor& theta, const Dropout& dr);
 // (grad_x = g W + gB A, grad_theta) of the fused linear, straight from the indices (serial, deterministic).

@@ -247,14 +247,15 @@ bool use_decode_backward(int64_t M, const at::Tensor& g, const at::Tensor& x, co
                          const at::Tensor& theta, const Dropout& dr) {
   const auto f32 = at::kFloat;
   return M >= 1 && M <= kSmallM && !dr.active && g.scalar_type() == f32 && x.scalar_type() == f32 &&
-         w.scalar_type() == f32 && theta.scalar_type() == f32 && x.stride(1) == 1 && g.stride(1) == 1;
+         w.scalar_type() == f32 && theta.scalar_type() == f32;
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                    bool weight_t, const at::Tensor& theta, const Projection& pj,
                                                    bool need_x, bool need_theta) {
   const int64_t M = x.size(0), in_f = pj.in_f, out_f = pj.out_f, r = pj.r, na = pj.numel_a();
-  const int64_t ldx = x.stride(0), ldg = g.stride(0);
+  // Any strides: sum().backward() hands in an expanded g (strides 0, 0).
+  const int64_t ldx = x.stride(0), xs = x.stride(1), ldg = g.stride(0), gs = g.stride(1);
   const float* xp = x.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   const float* th = theta.data_ptr<float>();
@@ -270,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at
       float s;
       const int64_t j = lookup(na + n * r + i, &s, &bad);
       const double b = double(th[j]) * double(s);
-      for (int64_t m = 0; m < M; ++m) gb[m * r + i] += double(gp[m * ldg + n]) * b;
+      for (int64_t m = 0; m < M; ++m) gb[m * r + i] += double(gp[m * ldg + n * gs]) * b;
     }
   }
   for (int64_t i = 0; i < r; ++i) {
@@ -280,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at
       const double a = double(th[j]) * double(s);
       double da = 0.0;
       for (int64_t m = 0; m < M; ++m) {
-        const double xv = xp[m * ldx + k];
+        const double xv = xp[m * ldx + k * xs];
         if (need_x) gxp[m * in_f + k] += float(gb[m * r + i] * a);
         h[m * r + i] += xv * a;
         da += gb[m * r + i] * xv;
@@ -294,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at
         float s;
         const int64_t j = lookup(na + n * r + i, &s, &bad);
         double db = 0.0;
-        for (int64_t m = 0; m < M; ++m) db += double(gp[m * ldg + n]) * h[m * r + i];
+        for (int64_t m = 0; m < M; ++m) db += double(gp[m * ldg + n * gs]) * h[m * r + i];
         gtp[j] += float(db * double(s));
       }
     }
