@@ -287,13 +287,14 @@ class UniLoRALinear(nn.Module):
                     x, weight = x.to(plan.cast), weight.to(plan.cast)
                     bias = None if bias is None else bias.to(plan.cast)
                 if x.dtype == weight.dtype:
-                    x2d = x.reshape(-1, in_f)
+                    flat = x.dim() == 2  # no reshape, so no view nodes in the autograd graph
+                    x2d = x if flat else x.reshape(-1, in_f)
                     if plan.c_train is not None:  # cpu / cuda: one C++ call each way
                         if grad:
                             out = plan.c_train(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed, plan.det)
                         else:
                             out = plan.c_infer(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed)[0]
-                        return out.view(*x.shape[:-1], self.out_features)
+                        return out if flat else out.view(*x.shape[:-1], self.out_features)
                     if grad:
                         return PlanLinear.apply(x, weight, bias, theta, seed, plan, self._weight_t)
                     if x2d.stride(-1) != 1:
