@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from . import adapter_table, backends, ops, philox
 from .backends import PlanSpec, policy, row_bucket
@@ -47,9 +48,6 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 def _conv1d_layout(base: nn.Module) -> bool:
     """Whether the base stores its weight as (in, out), as transformers' Conv1D does."""
     return Conv1D is not None and isinstance(base, Conv1D)
-
-
-from torch.nn.modules import module as _torch_module
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -271,16 +269,12 @@ class UniLoRALinear(nn.Module):
         plan = self._plans.get(key)
         if plan is None and (M == 0 or (plan := self._build_plan(key, x)) is None):
             return self._forward_general(x, args, kwargs)
-        theta = bank.owner._parameters[THETA_NAME]
-        if theta.dtype not in policy.THETA_DTYPES:
-            theta = theta.float()  # policy.theta_for_kernels: a cast model's theta is read in fp32
+        theta = policy.theta_for_kernels(bank.owner._parameters[THETA_NAME])
         if theta.device != device:
             return self._forward_general(x, args, kwargs)
         seed = philox.new_seed(device) if plan.p else None
         base = self.base_layer
-        if self._fusable_base and not args and not kwargs and not (
-                base._forward_hooks or base._forward_pre_hooks or _torch_module._global_forward_hooks
-                or _torch_module._global_forward_pre_hooks):
+        if self._fusable_base and not args and not kwargs and not _has_hooks(base):
             weight, bias = base.weight, base.bias
             if type(weight) in _PLAIN_TENSORS and weight.device == device:
                 if plan.cast is not None:

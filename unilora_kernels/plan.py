@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from . import backends
+
+from . import backends, ops
 from .backends import PlanSpec
 
 
@@ -81,10 +82,7 @@ class PlanLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, theta, seed, plan: LayerPlan, weight_t: bool):
         x2d = x.reshape(-1, x.shape[-1])
-        if weight_t:
-            out = torch.addmm(bias, x2d, weight) if bias is not None else x2d @ weight
-        else:
-            out = torch.nn.functional.linear(x2d, weight, bias)
+        out = ops.base_linear(x2d, weight, bias, weight_t)
         h = plan.update.forward_(out, x2d, theta, seed)
         ctx.save_for_backward(x2d, theta, seed, h, weight)
         ctx.plan, ctx.weight_t = plan, weight_t
