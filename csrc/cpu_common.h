@@ -27,7 +27,6 @@ namespace cpu {
 constexpr int64_t kGrain = 8192;             // elements per task of the element-wise loops
 constexpr int64_t kBlockBytes = 512 * 1024;  // one row block of x (or g) in compute precision
 constexpr int64_t kSimdRows = 64;            // rows per block of the SIMD forward/backward (blocks split by thread)
-constexpr int64_t kSmallM = 4;               // up to this many rows (no dropout), the decode paths beat BLAS
 
 // Rows of a block of `width` elements each that fit kBlockBytes (16 to 1024).
 inline int64_t block_rows(int64_t width, int64_t elem_size) {
@@ -74,14 +73,16 @@ bool use_decode_linear(int64_t M, const at::Tensor& x, const at::Tensor& w, cons
                        bool weight_t, const at::Tensor& theta, const Projection& pj, const Dropout& dr);
 // Whether decode_backward takes this call: fp32 at M <= kSmallM without dropout (any strides).
 bool use_decode_backward(int64_t M, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
-                         const at::Tensor& theta, const Dropout& dr);
-// (grad_x = g W + gB A, grad_theta) of the fused linear, straight from the indices (serial, deterministic).
+                         const at::Tensor& theta, const Projection& pj, const Dropout& dr);
+// (grad_x = g W + gB A, grad_theta) of the fused linear, straight from the indices (serial,
+// deterministic); h: the forward's fp32 h = x A^T (M x r), or no rows (then recomputed).
 std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                    bool weight_t, const at::Tensor& theta, const Projection& pj,
-                                                   bool need_x, bool need_theta);
-// x W^T + bias + (x A^T) B^T in one parallel region (needs use_decode_linear).
+                                                   const at::Tensor& h, bool need_x, bool need_theta);
+// x W^T + bias + (x A^T) B^T in one parallel region (needs use_decode_linear); h (M x r fp32,
+// contiguous) gets h = x A^T.
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                         const at::Tensor& theta, const Projection& pj);
+                         const at::Tensor& theta, const Projection& pj, at::Tensor& h);
 
 // ---- cpu_adapter_simd.cpp (fp32, unit column strides, simd::available()) ----
 // h = x A^T (stored into h, M x r contiguous) and out += h B^T, one pass per x row.

@@ -143,7 +143,7 @@ void forward_small_rows(const at::Tensor& x, at::Tensor& out, const at::Tensor& 
 // output is never re-read by another thread, and the B gather overlaps the weight stream.
 template <int64_t MM>
 void decode_linear_rows(const at::Tensor& x, const at::Tensor& w, const float* bias, const at::Tensor& theta,
-                        const Projection& pj, at::Tensor& out) {
+                        const Projection& pj, at::Tensor& out, float* h_out) {
   RECORD_FUNCTION("unilora_cpu::decode_linear", std::vector<c10::IValue>());  // a named range in torch.profiler
   const int64_t ldx = x.stride(0), ldw = w.stride(0), in_f = pj.in_f, out_f = pj.out_f, r = pj.r;
   const int64_t na = pj.numel_a();
@@ -172,7 +172,7 @@ void decode_linear_rows(const at::Tensor& x, const at::Tensor& w, const float* b
     if (bad) any_bad = true;
   });
   check_index_range(any_bad, pj.d);
-  float h[MM * kDecodeMaxR];  // use_decode_linear: r <= kDecodeMaxR
+  float* h = h_out;  // M x r, kept for the backward (decode_backward)
   reduce_parts(part, nchunks, MM * r, h);
   for (int64_t o = 0; o < out_f; ++o) {
     const float* b = bbuf.data() + o * r;
@@ -226,79 +226,148 @@ bool use_decode_linear(int64_t M, const at::Tensor& x, const at::Tensor& w, cons
 }
 
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                         const at::Tensor& theta, const Projection& pj) {
+                         const at::Tensor& theta, const Projection& pj, at::Tensor& h) {
   static_assert(kSmallM == 4, "decode_linear takes 1..4 rows");
   at::Tensor out = at::empty({x.size(0), pj.out_f}, x.options());
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* hp = h.data_ptr<float>();
   switch (x.size(0)) {
-    case 1: decode_linear_rows<1>(x, w, bp, theta, pj, out); break;
-    case 2: decode_linear_rows<2>(x, w, bp, theta, pj, out); break;
-    case 3: decode_linear_rows<3>(x, w, bp, theta, pj, out); break;
-    default: decode_linear_rows<4>(x, w, bp, theta, pj, out); break;
+    case 1: decode_linear_rows<1>(x, w, bp, theta, pj, out, hp); break;
+    case 2: decode_linear_rows<2>(x, w, bp, theta, pj, out, hp); break;
+    case 3: decode_linear_rows<3>(x, w, bp, theta, pj, out, hp); break;
+    default: decode_linear_rows<4>(x, w, bp, theta, pj, out, hp); break;
   }
   return out;
 }
 
-// The fused linear's backward at M <= kSmallM rows (fp32, no dropout): a pass over B for
-// gB = g B, one over A for grad_x += gB A, h = x A^T and dA, one over B for dB, each element's
-// theta index looked up once per pass and its gradient added serially (deterministic). Below a
-// handful of rows the gathered-buffer + BLAS path costs more in fixed work than the math.
+// The fused linear's backward at M <= kSmallM rows (fp32, no dropout, r <= kDecodeMaxR): with the
+// forward's h, a pass over B for gB = g B and dB, one over A for grad_x += gB A and dA, each
+// element's theta index looked up once per pass and its gradient added serially (deterministic).
+// Below a handful of rows the gathered-buffer + BLAS path costs more in fixed work than the math.
 bool use_decode_backward(int64_t M, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
-                         const at::Tensor& theta, const Dropout& dr) {
+                         const at::Tensor& theta, const Projection& pj, const Dropout& dr) {
   const auto f32 = at::kFloat;
   return M >= 1 && M <= kSmallM && !dr.active && g.scalar_type() == f32 && x.scalar_type() == f32 &&
-         w.scalar_type() == f32 && theta.scalar_type() == f32;
+         w.scalar_type() == f32 && theta.scalar_type() == f32 && pj.r <= kDecodeMaxR;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
-                                                   bool weight_t, const at::Tensor& theta, const Projection& pj,
-                                                   bool need_x, bool need_theta) {
-  const int64_t M = x.size(0), in_f = pj.in_f, out_f = pj.out_f, r = pj.r, na = pj.numel_a();
-  // Any strides: sum().backward() hands in an expanded g (strides 0, 0).
-  const int64_t ldx = x.stride(0), xs = x.stride(1), ldg = g.stride(0), gs = g.stride(1);
-  const float* xp = x.data_ptr<float>();
-  const float* gp = g.data_ptr<float>();
-  const float* th = theta.data_ptr<float>();
-  const Lookup lookup(pj);
-  bool bad = false;
-  at::Tensor gx = need_x ? at::mm(g, weight_t ? w.t() : w) : at::empty({0}, x.options());
-  at::Tensor gt = need_theta ? at::zeros({pj.d}, theta.options()) : at::empty({0}, theta.options());
-  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
-  float* gtp = need_theta ? gt.data_ptr<float>() : nullptr;
-  std::vector<double> gb(static_cast<size_t>(M * r), 0.0), h(static_cast<size_t>(M * r), 0.0);
-  for (int64_t n = 0; n < out_f; ++n) {  // gB[m, i] = sum_n g[m, n] B[n, i]
+namespace {
+
+// One table lookup per element, uniform projection: element e of idx (idx_a or idx_b).
+struct UniformGet {
+  const int32_t* idx;
+  const float* sc;
+  int64_t d;
+  int64_t operator()(int64_t e, float* s, bool* bad) const {
+    int64_t j = idx[e];
+    const bool out = static_cast<uint64_t>(j) >= static_cast<uint64_t>(d);
+    *bad |= out;
+    j = out ? 0 : j;
+    *s = sc[j];
+    return j;
+  }
+};
+
+// Hashed projection: element e of A (base 0) or B (base numel_a) through the hash.
+struct HashedGet {
+  const Lookup* lookup;
+  int64_t base;
+  int64_t operator()(int64_t e, float* s, bool* bad) const { return (*lookup)(base + e, s, bad); }
+};
+
+// decode_backward for MM rows: h = x A^T given (the forward's) or recomputed in a pass over A;
+// then one pass over B for gB = g B and dB = g^T h, one over A for grad_x += gB A and dA = gB^T x.
+template <int64_t MM, typename Get>
+void decode_backward_rows(const float* gp, int64_t ldg, int64_t gs, const float* xp, int64_t ldx, int64_t xs,
+                          const float* th, const Get& get_a, const Get& get_b, const float* h_in, int64_t r,
+                          int64_t in_f, int64_t out_f, float* gxp, float* gtp, bool* bad) {
+  double gb[MM * kDecodeMaxR] = {}, h[MM * kDecodeMaxR] = {};  // use_decode_backward: r <= kDecodeMaxR
+  if (h_in != nullptr) {
+    for (int64_t e = 0; e < MM * r; ++e) h[e] = h_in[e];
+  } else if (gtp != nullptr) {
+    for (int64_t i = 0; i < r; ++i) {
+      for (int64_t k = 0; k < in_f; ++k) {
+        float s;
+        const int64_t j = get_a(i * in_f + k, &s, bad);
+        const double a = double(th[j]) * double(s);
+        for (int64_t m = 0; m < MM; ++m) h[m * r + i] += double(xp[m * ldx + k * xs]) * a;
+      }
+    }
+  }
+  for (int64_t n = 0; n < out_f; ++n) {
+    double gn[MM];
+    for (int64_t m = 0; m < MM; ++m) gn[m] = gp[m * ldg + n * gs];
     for (int64_t i = 0; i < r; ++i) {
       float s;
-      const int64_t j = lookup(na + n * r + i, &s, &bad);
+      const int64_t j = get_b(n * r + i, &s, bad);
       const double b = double(th[j]) * double(s);
-      for (int64_t m = 0; m < M; ++m) gb[m * r + i] += double(gp[m * ldg + n * gs]) * b;
+      double db = 0.0;
+      for (int64_t m = 0; m < MM; ++m) {
+        gb[m * r + i] += gn[m] * b;
+        db += gn[m] * h[m * r + i];
+      }
+      if (gtp != nullptr) gtp[j] += float(db * double(s));
     }
   }
   for (int64_t i = 0; i < r; ++i) {
     for (int64_t k = 0; k < in_f; ++k) {
       float s;
-      const int64_t j = lookup(i * in_f + k, &s, &bad);
+      const int64_t j = get_a(i * in_f + k, &s, bad);
       const double a = double(th[j]) * double(s);
       double da = 0.0;
-      for (int64_t m = 0; m < M; ++m) {
-        const double xv = xp[m * ldx + k * xs];
-        if (need_x) gxp[m * in_f + k] += float(gb[m * r + i] * a);
-        h[m * r + i] += xv * a;
-        da += gb[m * r + i] * xv;
+      for (int64_t m = 0; m < MM; ++m) {
+        if (gxp != nullptr) gxp[m * in_f + k] += float(gb[m * r + i] * a);
+        da += gb[m * r + i] * double(xp[m * ldx + k * xs]);
       }
-      if (need_theta) gtp[j] += float(da * double(s));
+      if (gtp != nullptr) gtp[j] += float(da * double(s));
     }
   }
-  if (need_theta) {
-    for (int64_t n = 0; n < out_f; ++n) {  // dB[n, i] = sum_m g[m, n] h[m, i]
-      for (int64_t i = 0; i < r; ++i) {
-        float s;
-        const int64_t j = lookup(na + n * r + i, &s, &bad);
-        double db = 0.0;
-        for (int64_t m = 0; m < M; ++m) db += double(gp[m * ldg + n * gs]) * h[m * r + i];
-        gtp[j] += float(db * double(s));
-      }
-    }
+}
+
+template <typename Get>
+void decode_backward_dispatch(int64_t M, const float* gp, int64_t ldg, int64_t gs, const float* xp, int64_t ldx,
+                              int64_t xs, const float* th, const Get& get_a, const Get& get_b, const float* h_in,
+                              const Projection& pj, float* gxp, float* gtp, bool* bad) {
+  static_assert(kSmallM == 4, "decode_backward takes 1..4 rows");
+  const int64_t r = pj.r, in_f = pj.in_f, out_f = pj.out_f;
+  switch (M) {
+    case 1: return decode_backward_rows<1>(gp, ldg, gs, xp, ldx, xs, th, get_a, get_b, h_in, r, in_f, out_f, gxp, gtp, bad);
+    case 2: return decode_backward_rows<2>(gp, ldg, gs, xp, ldx, xs, th, get_a, get_b, h_in, r, in_f, out_f, gxp, gtp, bad);
+    case 3: return decode_backward_rows<3>(gp, ldg, gs, xp, ldx, xs, th, get_a, get_b, h_in, r, in_f, out_f, gxp, gtp, bad);
+    default: return decode_backward_rows<4>(gp, ldg, gs, xp, ldx, xs, th, get_a, get_b, h_in, r, in_f, out_f, gxp, gtp, bad);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> decode_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                                   bool weight_t, const at::Tensor& theta, const Projection& pj,
+                                                   const at::Tensor& h, bool need_x, bool need_theta) {
+  const int64_t M = x.size(0);
+  // Any strides: sum().backward() hands in an expanded g (strides 0, 0).
+  at::Tensor gx = need_x ? at::mm(g, weight_t ? w.t() : w) : at::empty({0}, x.options());
+  at::Tensor gt = at::empty({need_theta ? pj.d : 0}, theta.options());
+  if (!need_x && !need_theta) return {gx, gt};
+  float* gtp = need_theta ? gt.data_ptr<float>() : nullptr;
+  if (gtp != nullptr) std::fill_n(gtp, pj.d, 0.f);
+  // The forward's h when it kept one (linear_cpu at M <= kSmallM), as fp32 rows.
+  const at::Tensor hc = h.size(0) == M && h.scalar_type() == at::kFloat ? h.contiguous() : at::Tensor();
+  const float* h_in = hc.defined() ? hc.const_data_ptr<float>() : nullptr;
+  const float* gp = g.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  const float* th = theta.const_data_ptr<float>();
+  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
+  bool bad = false;
+  if (pj.is_hashed) {
+    const Lookup lookup(pj);
+    const HashedGet ga{&lookup, 0}, gb{&lookup, pj.numel_a()};
+    decode_backward_dispatch(M, gp, g.stride(0), g.stride(1), xp, x.stride(0), x.stride(1), th, ga, gb, h_in, pj,
+                             gxp, gtp, &bad);
+  } else {
+    const float* sc = pj.scales.const_data_ptr<float>();
+    const UniformGet ga{pj.idx_a.const_data_ptr<int32_t>(), sc, pj.d}, gb{pj.idx_b.const_data_ptr<int32_t>(), sc, pj.d};
+    decode_backward_dispatch(M, gp, g.stride(0), g.stride(1), xp, x.stride(0), x.stride(1), th, ga, gb, h_in, pj,
+                             gxp, gtp, &bad);
   }
   check_index_range(bad, pj.d);
   return {gx, gt};

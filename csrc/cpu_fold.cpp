@@ -35,7 +35,8 @@ at::Tensor fold_scratch(const at::Tensor& w) {
 // dropout (the mask applies to the adapter's input only).
 bool fold_into_weight(int64_t M, const at::Tensor& x, const at::Tensor& w, at::ScalarType cd, const Dropout& dr,
                       const Projection& pj) {
-  return !dr.active && x.scalar_type() == cd && w.scalar_type() == cd && M >= std::max(pj.in_f, pj.out_f);
+  return !dr.active && x.scalar_type() == cd && w.scalar_type() == cd && M > kSmallM &&
+         M >= std::max(pj.in_f, pj.out_f);  // decode sizes keep h (linear_cpu)
 }
 
 // One streaming pass (simd::fold_rows) where addmm with K = r is several times slower and

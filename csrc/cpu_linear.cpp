@@ -21,17 +21,22 @@ std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Ten
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   const int64_t M = x.size(0);
   at::Tensor out;
+  // h = drop(x) A^T is kept for the backward at decode sizes only (M x r, no extra pass there);
+  // above them the backward recomputes it from the x rows it reads for dA anyway.
+  at::Tensor h = at::empty({M <= kSmallM ? M : 0, pj.r}, x.options().dtype(cd));
   if (use_decode_linear(M, x, w, bias, weight_t, theta, pj, dr)) {
-    out = decode_linear(x, w, bias, theta, pj);
+    out = decode_linear(x, w, bias, theta, pj, h);
   } else if (fold_into_weight(M, x, w, cd, dr, pj)) {
     const auto [A, B] = gather_cpu(theta, pj, cd);
     out = base_linear(x, folded_weight(w, weight_t, A, B), bias, weight_t);
   } else {
     out = base_linear(x, w, bias, weight_t);
-    if (M > 0) forward_cpu(out, x, theta, pj, dr);
+    if (M > 0) {
+      at::Tensor hx = forward_cpu(out, x, theta, pj, dr);
+      if (M <= kSmallM) h = hx;
+    }
   }
-  // No h: the backward recomputes it from the x rows it reads for dA anyway.
-  return {out, at::empty({0, pj.r}, x.options().dtype(cd))};
+  return {out, h};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
@@ -41,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, cons
   using namespace cpu;
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), g.scalar_type()});
   const int64_t M = x.size(0);
-  if (use_decode_backward(M, g, x, w, theta, dr)) return decode_backward(g, x, w, weight_t, theta, pj, need_x, need_theta);
+  if (use_decode_backward(M, g, x, w, theta, pj, dr)) return decode_backward(g, x, w, weight_t, theta, pj, h, need_x, need_theta);
   const bool fold = need_x && g.scalar_type() == cd && fold_into_weight(M, x, w, cd, dr, pj);
   const bool adapter_x = need_x && !fold;
   const bool adapter = M > 0 && (adapter_x || need_theta);

@@ -1,6 +1,7 @@
 // The decode limits: the largest M the fused decode kernels take, and the largest r. Defined once,
 // in unilora_kernels/backends/policy.py (DECODE_MAX_M, DECODE_MAX_R); setup.py and CMakeLists.txt
-// read them from there and pass them as macros; build_metadata() reports them.
+// read them from there and pass them as macros; build_metadata() reports them. The CPU decode
+// paths' row limit (cpu::kSmallM) is defined here; build_metadata() reports it as cpu_small_m.
 #pragma once
 
 #include <cstdint>
@@ -12,4 +13,8 @@
 namespace unilora {
 constexpr int64_t kDecodeMaxM = UNILORA_DECODE_MAX_M;
 constexpr int64_t kDecodeMaxR = UNILORA_DECODE_MAX_R;
+namespace cpu {
+// Up to this many rows (no dropout) the CPU decode paths beat BLAS, and linear keeps h (M x r).
+constexpr int64_t kSmallM = 4;
+}  // namespace cpu
 }  // namespace unilora

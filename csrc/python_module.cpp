@@ -36,12 +36,14 @@ PyObject* build_metadata(PyObject*, PyObject*) {
   // cpu_simd_isa: the widest ISA they use ("avx512", "avx2" or "none").
   const bool simd = unilora::simd::available();
   const char* isa = unilora::simd::avx512() ? "avx512" : (simd ? "avx2" : "none");
-  // decode_max_m / decode_max_r: the decode limits compiled in (policy.py's at build time).
-  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:O,s:s,s:s,s:s,s:L,s:L}", "cuda", cuda ? Py_True : Py_False, "archs",
-                                archs, "openmp", openmp ? Py_True : Py_False, "cpu_simd", simd ? Py_True : Py_False,
-                                "cpu_simd_isa", isa, "torch_version", TORCH_VERSION, "ops", "unilora_C",
-                                "decode_max_m", static_cast<long long>(unilora::kDecodeMaxM), "decode_max_r",
-                                static_cast<long long>(unilora::kDecodeMaxR));
+  // decode_max_m / decode_max_r: the decode limits compiled in (policy.py's at build time);
+  // cpu_small_m: the CPU decode paths' rows, up to which unilora_C::linear returns h on CPU.
+  PyObject* out = Py_BuildValue("{s:O,s:N,s:O,s:O,s:s,s:s,s:s,s:L,s:L,s:L}", "cuda", cuda ? Py_True : Py_False,
+                                "archs", archs, "openmp", openmp ? Py_True : Py_False, "cpu_simd",
+                                simd ? Py_True : Py_False, "cpu_simd_isa", isa, "torch_version", TORCH_VERSION, "ops",
+                                "unilora_C", "decode_max_m", static_cast<long long>(unilora::kDecodeMaxM),
+                                "decode_max_r", static_cast<long long>(unilora::kDecodeMaxR), "cpu_small_m",
+                                static_cast<long long>(unilora::cpu::kSmallM));
   return out;
 }
 

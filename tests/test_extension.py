@@ -156,6 +156,41 @@ def test_linear_autograd_matches_oracle(M, weight_t, with_bias, p):
 
 
 @needs_ext
+@pytest.mark.parametrize("kind", ["uniform", "hashed"])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_decode_linear_keeps_h_for_the_backward(kind, M):
+    """At decode sizes (M <= cpu_small_m, no dropout) unilora_C::linear returns h = x A^T, and its
+    backward reads it (two passes over the indices) or, given no rows of h, recomputes it: both
+    equal the float64 oracle, for every (need_x, need_theta), and the fake kernel's shapes."""
+    small = ext.build_metadata()["cpu_small_m"]
+    assert M <= small
+    in_f, out_f, r = 29, 23, 3
+    proj, theta, _ = _inputs((M, in_f, out_f, r), torch.float32, kind)
+    w = torch.randn(out_f, in_f) / in_f**0.5
+    b = torch.randn(out_f)
+    # a strided x (every other column of a wider tensor) and an expanded g, as sum().backward() gives
+    x = torch.randn(M, 2 * in_f)[:, ::2]
+    g = torch.randn(()).expand(M, out_f)
+    common = (theta, proj.scales, proj.idx_a, proj.idx_b, r, list(proj.hash_params), 0.0, None)
+    out, h = C.linear(x, w, b, False, *common)
+    assert tuple(h.shape) == (M, r) and h.dtype == torch.float32
+    ref = oracle(x, theta, proj, weight=w, bias=b, grad_out=g)
+    assert_close(out, ref["out"], torch.float32, "out")
+    A, _B = ext.lora_matrices(theta, proj)
+    assert_close(h, x.double() @ A.double().t(), torch.float32, "h")
+    for h_in in (h, torch.empty(0, r)):
+        for need_x, need_t in ((True, True), (True, False), (False, True)):
+            gx, gt = C.linear_backward(g, x, w, False, *common, h_in, need_x, need_t, False)
+            if need_x:
+                assert_close(gx, ref["grad_x"], torch.float32, f"grad_x (h rows {h_in.shape[0]})")
+            if need_t:
+                assert_close(gt, ref["grad_theta"], torch.float32, f"grad_theta (h rows {h_in.shape[0]})")
+    torch.library.opcheck(C.linear.default, (x.contiguous(), w, b, False) + common)
+    # above decode sizes no h is kept (the backward recomputes it)
+    assert C.linear(torch.randn(small + 1, in_f), w, b, False, *common)[1].shape[0] == 0
+
+
+@needs_ext
 @pytest.mark.parametrize("p", [0.0, 0.4])
 def test_linear_autograd_gradcheck(p):
     proj = make_projection(9, 6, 2, 11, "uniform", seed=2)

@@ -56,6 +56,8 @@ else:
               if not hasattr(torch.ops.unilora_C, op)]
     if not _stale and str(torch.ops.unilora_C.forward_.default._schema.arguments[9].type) != "Optional[Tensor]":
         _stale = ["forward_ taking a tensor seed"]
+    if not _stale and "cpu_small_m" not in _C.build_metadata():
+        _stale = ["linear keeping h at decode sizes (build metadata cpu_small_m)"]
     if _stale:
         _C, _IMPORT_ERROR = None, f"built from older sources: no unilora_C::{_stale[0]}"
 
@@ -63,6 +65,9 @@ else:
 def build_metadata() -> dict:
     """What the extension was built with ({} when it is not built)."""
     return dict(_C.build_metadata()) if _C is not None else {}
+
+
+_CPU_SMALL_M = build_metadata().get("cpu_small_m", 0)  # the C++ kSmallM (csrc/decode_limits.h)
 
 
 def unavailable_reason(name: str) -> Optional[str]:
@@ -90,9 +95,12 @@ def device_unavailable_reason(name: str, device_type: str) -> Optional[str]:
 
 
 def h_rows(device_type: str, M: int) -> int:
-    """Rows of the h that ``unilora_C::linear`` returns: 0 on CPU, whose backward recomputes h from
-    the x rows it reads for dA anyway (keeping it would cost a pass over x in the forward)."""
-    return 0 if device_type == "cpu" else M
+    """Rows of the h that ``unilora_C::linear`` returns: M on CUDA; on CPU M at decode sizes (up to
+    the build's ``cpu_small_m`` rows, where h is a by-product of the forward and saves the backward
+    a pass), else 0: the backward recomputes h from the x rows it reads for dA anyway."""
+    if device_type != "cpu":
+        return M
+    return M if M <= _CPU_SMALL_M else 0
 
 
 def prefer_cuda_kernels(M: int, in_f: int, out_f: int, r: int) -> bool:
@@ -266,7 +274,7 @@ def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need
 def linear(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: float, seed):
     """(out, h) of the frozen base linear plus the update on 2-D x, in one C++ op: nn.Linear
     (``x W^T + b``) or, when ``weight_t``, transformers' Conv1D (``x W + b``). h has
-    ``h_rows(device, M)`` rows: the CPU backward recomputes it. For M >= max(in, out) in
+    ``h_rows(device, M)`` rows (above decode sizes the CPU backward recomputes it). For M >= max(in, out) in
     fp32/fp64 without dropout, the CPU kernels fold B A into W (one GEMM with K = r) rather than
     adding (x A^T) B^T to the output: fewer bytes moved, the same function up to rounding."""
     return torch.ops.unilora_C.linear(
