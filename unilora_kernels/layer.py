@@ -50,6 +50,18 @@ def _conv1d_layout(base: nn.Module) -> bool:
     return Conv1D is not None and isinstance(base, Conv1D)
 
 
+_ABSENT = object()
+
+
+def _weight_and_bias(base: nn.Module) -> tuple:
+    """``(base.weight, base.bias)`` read from the module's parameter dict where they are registered
+    there (one dict lookup each, not ``Module.__getattr__``), else as attributes (parametrizations)."""
+    params = base._parameters
+    weight = params.get("weight", _ABSENT)
+    bias = params.get("bias", _ABSENT)
+    return (base.weight if weight is _ABSENT else weight), (getattr(base, "bias", None) if bias is _ABSENT else bias)
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or _torch_module._global_forward_hooks
                 or _torch_module._global_forward_pre_hooks)
@@ -273,9 +285,9 @@ class UniLoRALinear(nn.Module):
         if theta.device != device:
             return self._forward_general(x, args, kwargs)
         seed = philox.new_seed(device) if plan.p else None
-        base = self.base_layer
+        base = self._modules["base_layer"]  # not Module.__getattr__: this runs per call
         if self._fusable_base and not args and not kwargs and not _has_hooks(base):
-            weight, bias = base.weight, base.bias
+            weight, bias = _weight_and_bias(base)
             if type(weight) in _PLAIN_TENSORS and weight.device == device:
                 if plan.cast is not None:
                     x, weight = x.to(plan.cast), weight.to(plan.cast)

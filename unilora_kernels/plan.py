@@ -81,18 +81,20 @@ class PlanLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, theta, seed, plan: LayerPlan, weight_t: bool):
-        x2d = x.reshape(-1, x.shape[-1])
+        flat = x.dim() == 2  # 2-D x (the layer's usual call): no reshape or view
+        x2d = x if flat else x.reshape(-1, x.shape[-1])
         out = ops.base_linear(x2d, weight, bias, weight_t)
         h = plan.update.forward_(out, x2d, theta, seed)
         ctx.save_for_backward(x2d, theta, seed, h, weight)
         ctx.plan, ctx.weight_t = plan, weight_t
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out if flat else out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, theta, seed, h, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_theta = ctx.needs_input_grad[:4]
-        g2d = grad_out.reshape(-1, grad_out.shape[-1])
+        flat = grad_out.dim() == 2
+        g2d = grad_out if flat else grad_out.reshape(-1, grad_out.shape[-1])
         if not g2d.is_contiguous():
             g2d = g2d.contiguous()
         weight_t = ctx.weight_t
@@ -105,7 +107,7 @@ class PlanLinear(torch.autograd.Function):
             grad_w = x2d.t() @ g2d if weight_t else g2d.t() @ x2d
         if need_b:
             grad_b = g2d.sum(0)
-        if grad_x is not None:
+        if grad_x is not None and not flat:
             grad_x = grad_x.view(*grad_out.shape[:-1], x2d.shape[1])
         return grad_x, grad_w, grad_b, grad_theta, None, None, None
 
