@@ -340,6 +340,17 @@ def _plan_device(device: torch.device) -> torch.device:
     return device
 
 
+GEOMETRY_CACHE_SIZE = 64  # distinct M per plan whose grids are kept
+
+
+class _Geometry:
+    """A plan's grids at one M: forward (``fwd``, and ``sh`` for the split schedule's shrink), the
+    backward's gB shrink (``gb``), and per backward combination (``bwd``) the bwd_x grid, the
+    deterministic split count and the bwd_db grid."""
+
+    __slots__ = ("fwd", "sh", "gb", "bwd")
+
+
 class TritonPlan:
     """The launches of one layer call with the projection, dropout, schedule and every kernel's
     config fixed: per call only M, the pointers, the grids (integer arithmetic on M) and the
@@ -417,6 +428,7 @@ class TritonPlan:
             # captured; uniform scales stand in for theta_d: same d and device.
             self._fresh_csr(proj.scales)
         self._untuned = {"fwd"} | set(self.bx) if self.tune else set()
+        self._geo: dict = {}  # M -> _Geometry (grids are integer arithmetic on M and the configs)
 
     # ---------------------------------------------------------------- forward ---------------
     def forward_(self, out2d, x2d, theta, seed):
@@ -439,28 +451,64 @@ class TritonPlan:
         N = self.N
         d = theta.shape[0]
         so = out2d.stride(0) if M > 1 else N
+        geo = self._geo.get(M) or self._geometry(M)
         if self.fused:
-            fu = self.fu
             h = torch.empty((M, self.R), dtype=torch.float32, device=dev)
-            run(fu, (-(-M // FUSED_BLOCK_M), -(-N // fu.blocks["BLOCK_N"])),
-                dict(self.fu_args, x_ptr=x2d, out_ptr=out2d, h_ptr=h, M=M, stride_xm=x2d.stride(0) if M > 1 else
-                     self.K, stride_om=so, theta_ptr=theta, d=d, seed_ptr=seed))
+            run(self.fu, geo.fwd, dict(self.fu_args, x_ptr=x2d, out_ptr=out2d, h_ptr=h, M=M, stride_xm=x2d.stride(0)
+                                       if M > 1 else self.K, stride_om=so, theta_ptr=theta, d=d, seed_ptr=seed))
             return h
-        h = self._shrink(self.sh, self.sh_args, x2d, theta, seed, M, self.K)
-        ex = self.ex
-        run(ex, (-(-M // ex.blocks["BLOCK_M"]), -(-N // ex.blocks["BLOCK_N"])),
-            dict(self.ex_args, h_ptr=h, out_ptr=out2d, M=M, stride_om=so, theta_ptr=theta, d=d))
+        h = self._shrink(self.sh, self.sh_args, geo.sh, x2d, theta, seed, M, self.K)
+        run(self.ex, geo.fwd, dict(self.ex_args, h_ptr=h, out_ptr=out2d, M=M, stride_om=so, theta_ptr=theta, d=d))
         return h
 
-    def _shrink(self, sl, static: dict, x, theta, seed, M: int, K: int) -> torch.Tensor:
+    def _shrink(self, sl, static: dict, grid: tuple, x, theta, seed, M: int, K: int) -> torch.Tensor:
         """y = drop(x) W^T (M x r, fp32) by ``shrink_kernel``: h in forward, gB in backward."""
-        m_tiles = -(-M // sl.blocks["BLOCK_M"])
-        # split-K (_splits: fp32 atomics into a zeroed y); none when det
-        splits = 1 if self.det else max(1, min(-(-2 * self.n_sm // m_tiles), -(-K // sl.blocks["BLOCK_K"])))
-        y = (torch.zeros if splits > 1 else torch.empty)((M, self.R), dtype=torch.float32, device=self.device)
-        run(sl, (m_tiles, splits), dict(static, x_ptr=x, y_ptr=y, M=M, stride_xm=x.stride(0) if M > 1 else K,
-                                        theta_ptr=theta, d=theta.shape[0], seed_ptr=seed))
+        # split-K (grid[1] > 1: fp32 atomics into a zeroed y)
+        y = (torch.zeros if grid[1] > 1 else torch.empty)((M, self.R), dtype=torch.float32, device=self.device)
+        run(sl, grid, dict(static, x_ptr=x, y_ptr=y, M=M, stride_xm=x.stride(0) if M > 1 else K,
+                           theta_ptr=theta, d=theta.shape[0], seed_ptr=seed))
         return y
+
+    # ---------------------------------------------------------------- geometry --------------
+    def _geometry(self, M: int) -> "_Geometry":
+        """The grids of a call with M rows, computed once per M (and again after tuning)."""
+        if len(self._geo) >= GEOMETRY_CACHE_SIZE:
+            self._geo.clear()
+        N, det = self.N, self.det
+        geo = _Geometry()
+        if self.fused:
+            geo.fwd = (_cdiv(M, FUSED_BLOCK_M), _cdiv(N, self.fu.blocks["BLOCK_N"]))
+        else:
+            geo.sh = self._shrink_grid(self.sh, M, self.K)
+            geo.fwd = (_cdiv(M, self.ex.blocks["BLOCK_M"]), _cdiv(N, self.ex.blocks["BLOCK_N"]))
+        geo.gb = self._shrink_grid(self.gb, M, N)
+        geo.bwd = {}
+        self._geo[M] = geo
+        return geo
+
+    def _shrink_grid(self, sl, M: int, K: int) -> tuple:
+        m_tiles = _cdiv(M, sl.blocks["BLOCK_M"])
+        # split-K (_splits); none when det
+        splits = 1 if self.det else max(1, min(_cdiv(2 * self.n_sm, m_tiles), _cdiv(K, sl.blocks["BLOCK_K"])))
+        return (m_tiles, splits)
+
+    def _backward_grids(self, geo: "_Geometry", M: int, combo: tuple) -> tuple:
+        """(bwd_x grid, deterministic split count or None, bwd_db grid) of ``combo`` at M rows."""
+        bx, db, n_sm, det = self.bx[combo], self.db, self.n_sm, self.det
+        need_theta = combo[1]
+        k_tiles, m_tiles = _cdiv(self.K, bx.blocks["BLOCK_K"]), _cdiv(M, bx.blocks["BLOCK_M"])
+        splits_det = None
+        if det and need_theta:
+            # One split count for both kernels: they fill the two halves of the same partial buffer.
+            splits_det = max(1, min(m_tiles, _cdiv(M, db.blocks["BLOCK_M"]), DET_MAX_SPLITS))
+        if not need_theta:
+            grid = (k_tiles, m_tiles)  # no reduction over M: one row tile per program
+        else:
+            grid = (k_tiles, splits_det if det else max(1, min(_cdiv(2 * n_sm, k_tiles), m_tiles)))  # _splits
+        n_tiles = _cdiv(self.N, db.blocks["BLOCK_N"])
+        db_grid = (n_tiles, splits_det if det else max(1, min(_cdiv(2 * n_sm, n_tiles), _cdiv(M, db.blocks["BLOCK_M"]))))
+        geo.bwd[combo] = out = (grid, splits_det, db_grid)
+        return out
 
     # ---------------------------------------------------------------- backward --------------
     def backward(self, g2d, x2d, theta, seed, h, grad_x2d, need_x: bool, need_theta: bool):
@@ -478,10 +526,7 @@ class TritonPlan:
                 grad_x2d.zero_()
             return (grad_x2d if need_x else None), grad_theta
         if need_theta:
-            if h is None or h.dtype != torch.float32 or tuple(h.shape) != (M, R):
-                raise ValueError(f"backward needs the fp32 h = drop(x) A^T of shape ({M}, {R}) from forward_, got "
-                                 f"{None if h is None else (h.dtype, tuple(h.shape))}")
-            h = h.contiguous()
+            h = h.contiguous()  # forward_'s own h: checked by the module backward for other callers
         if self.dropout:
             if type(seed) is not torch.Tensor or seed.device != dev or seed.dtype != torch.int64:
                 seed = _seed_arg(seed, dev)
@@ -497,20 +542,13 @@ class TritonPlan:
             self._tune(combo, [self.gb, bx] + ([self.db] if need_theta else []), lambda: self.backward(
                 g2d, x2d, theta, seed, h, grad_x2d if accum else None, need_x, need_theta), grad_x2d, saved)
         det = self.det
-        n_sm = self.n_sm
+        geo = self._geo.get(M) or self._geometry(M)
+        grid, splits_det, db_grid = geo.bwd.get(combo) or self._backward_grids(geo, M, combo)
 
-        gb = self._shrink(self.gb, self.gb_args, g2d, theta, None, M, N)
-
-        k_tiles, m_tiles = -(-K // bx.blocks["BLOCK_K"]), -(-M // bx.blocks["BLOCK_M"])
-        part = splits_det = None
-        if det and need_theta:
-            # One split count for both kernels: they fill the two halves of the same partial buffer.
-            splits_det = max(1, min(m_tiles, -(-M // self.db.blocks["BLOCK_M"]), DET_MAX_SPLITS))
+        gb = self._shrink(self.gb, self.gb_args, geo.gb, g2d, theta, None, M, N)
+        part = None
+        if splits_det is not None:
             part = torch.empty((splits_det, self.n_layer), dtype=torch.float32, device=dev)
-        if not need_theta:
-            grid = (k_tiles, m_tiles)  # no reduction over M: one row tile per program
-        else:
-            grid = (k_tiles, splits_det if det else max(1, min(-(-2 * n_sm // k_tiles), m_tiles)))  # _splits
         run(bx, grid, dict(self.bx_args, gb_ptr=gb, x_ptr=x2d, gx_ptr=grad_x2d if need_x else None,
                            gt_ptr=grad_theta, part_ptr=part, M=M, stride_xm=x2d.stride(0) if M > 1 else K,
                            stride_gxm=(grad_x2d.stride(0) if M > 1 else K) if need_x else 0, theta_ptr=theta, d=d,
@@ -518,12 +556,8 @@ class TritonPlan:
         if not need_theta:
             return grad_x2d, None
 
-        db = self.db
-        n_tiles = -(-N // db.blocks["BLOCK_N"])
-        m_tiles = -(-M // db.blocks["BLOCK_M"])
-        grid = (n_tiles, splits_det if det else max(1, min(-(-2 * n_sm // n_tiles), m_tiles)))  # _splits
-        run(db, grid, dict(self.db_args, g_ptr=g2d, h_ptr=h, gt_ptr=grad_theta, part_ptr=part, M=M,
-                           stride_gm=g2d.stride(0) if M > 1 else N, d=d))
+        run(self.db, db_grid, dict(self.db_args, g_ptr=g2d, h_ptr=h, gt_ptr=grad_theta, part_ptr=part, M=M,
+                                   stride_gm=g2d.stride(0) if M > 1 else N, d=d))
         if det:
             csr = self._csr
             if csr is None or self._csr_tag != self._tag(d):
@@ -553,7 +587,13 @@ class TritonPlan:
         self._untuned.discard(what)
         if buf is not None and saved is None:
             saved = buf.clone()
-        tune_slots(slots, call, (lambda: buf.copy_(saved)) if saved is not None else (lambda: None))
+
+        def restore():  # before every candidate's run and after the last: each config has its own grids
+            self._geo.clear()
+            if saved is not None:
+                buf.copy_(saved)
+
+        tune_slots(slots, call, restore)
 
 
 def make_plan(spec: PlanSpec) -> TritonPlan:
@@ -598,6 +638,12 @@ def forward_(out2d, x2d, theta, proj: LayerProjection, p: float, seed):
     return _plan_of(x2d, theta, proj, p, out2d.dtype).forward_(out2d, x2d, theta, seed)
 
 
+def _check_h(h, M: int, R: int, need_theta: bool) -> None:
+    if need_theta and M and (h is None or h.dtype != torch.float32 or tuple(h.shape) != (M, R)):
+        raise ValueError(f"backward needs the fp32 h = drop(x) A^T of shape ({M}, {R}) from forward_, got "
+                         f"{None if h is None else (h.dtype, tuple(h.shape))}")
+
+
 def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d, need_x: bool, need_theta: bool):
     """(grad_x, grad_theta): grad_x gets ((g B) A) * mask (in place when given); one d-length grad_theta."""
     _check(x2d, theta, proj)
@@ -605,6 +651,7 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
     _check_grad_output(g2d, M, proj.out_features)
     if need_x and grad_x2d is not None:
         _check_inplace(grad_x2d, (M, K), "grad_x")
+    _check_h(h, M, proj.r, need_theta)
     x2d, g2d = _unit_last(x2d), _unit_last(g2d)
     return _plan_of(x2d, theta, proj, p, g2d.dtype).backward(g2d, x2d, theta, seed, h, grad_x2d, need_x, need_theta)
 
