@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from . import adapter_table, backends, ops, philox
+from . import adapter_table, backends, batch_state, ops, philox
 from .backends import PlanSpec, policy, row_bucket
 from .bank import THETA_NAME, UniLoRABank, init_theta
 from .plan import LayerPlan, PlanLinear, PlanUpdate
@@ -248,8 +248,9 @@ class UniLoRALinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         bank = self.bank
-        if bank.batch is not None and self.adapter_enabled:
-            return self._mixed_forward(x, bank.batch, args, kwargs)
+        batch = batch_state.ACTIVE.get().get(bank)  # this context's adapter_batch (batch_state.py)
+        if batch is not None and self.adapter_enabled:
+            return self._mixed_forward(x, batch, args, kwargs)
         if self.merged or not self.adapter_enabled:
             if self.merged and torch.is_grad_enabled() and self.theta_d.requires_grad and self.training:
                 warnings.warn("UniLoRALinear is merged: theta_d gets no gradient until unmerge()", stacklevel=2)
@@ -382,13 +383,15 @@ class UniLoRALinear(nn.Module):
             return torch.ops.unilora.linear(x, weight, bias, self._weight_t, *u)[0]
         return ops.linear_forward(x, weight, bias, self._weight_t, *u)[0]
 
-    def _mixed_forward(self, x: torch.Tensor, seq_adapter: torch.Tensor, args, kwargs) -> torch.Tensor:
+    def _mixed_forward(self, x: torch.Tensor, batch: batch_state.BatchState, args, kwargs) -> torch.Tensor:
         """Inside ``adapter_batch``: the base layer, then each sequence's own adapter (one op)."""
         if self.merged:
             raise ValueError("adapter_batch needs unmerged layers (a merged layer holds the default adapter): unmerge() first")
-        if x.dim() < 2 or x.shape[0] != seq_adapter.shape[0]:
-            raise ValueError(f"adapter_batch names {seq_adapter.shape[0]} sequences but {type(self).__name__} got an "
-                             f"input of shape {tuple(x.shape)} (dimension 0 is the batch)")
+        seq_adapter = batch.ids_for(x.shape[0]) if x.dim() >= 2 else None
+        if seq_adapter is None:
+            raise ValueError(f"adapter_batch names {len(batch.names)} sequences but {type(self).__name__} got an "
+                             f"input of shape {tuple(x.shape)} (dimension 0 is the batch: as many sequences, or k "
+                             "times as many for num_beams / num_return_sequences = k)")
         self._check_features(x)
         theta = self.theta_d
         table = adapter_table.table_for(self.bank, theta)
