@@ -205,16 +205,17 @@ class UniLoRALinear(nn.Module):
             self.in_features, self.out_features, tuple(self._hash_params),
         )
 
-    def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense fp32 A (r x in) and B (out x r) of this layer (for merge, export, inspection)."""
-        theta = policy.theta_for_kernels(self.theta_d.detach())
+    def lora_matrices(self, theta: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense fp32 A (r x in) and B (out x r) of this layer (for merge, export, inspection), read
+        from ``theta`` (default: the model's theta_d)."""
+        theta = policy.theta_for_kernels((self.theta_d if theta is None else theta).detach())
         proj = self.projection(theta.device)
         impl = backends.get_backend(self.resolved_backend(theta.device.type), theta.device.type)
         return impl.lora_matrices(theta, proj)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``B A`` in the base weight's layout ((in, out) for Conv1D), fp32."""
-        A, B = self.lora_matrices()
+        A, B = self.lora_matrices(theta)
         dw = B @ A
         return dw.t() if self._weight_t else dw
 
@@ -233,10 +234,13 @@ class UniLoRALinear(nn.Module):
             warnings.warn(f"UniLoRALinear.{what}(): {state}, nothing to do", stacklevel=3)
             return
         weight = self._dense_weight(what)
-        delta = self.delta_weight().to(device=weight.device, dtype=weight.dtype)
+        # unmerge subtracts the delta of the theta that merge added, even if theta was written since
+        theta = self.bank.theta_snapshot() if merge else self.__dict__.get("_merged_theta")
+        delta = self.delta_weight(theta).to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             weight.add_(delta if merge else -delta)
         self.merged = merge
+        self._merged_theta = theta if merge else None
 
     def _dense_weight(self, what: str) -> torch.Tensor:
         weight = getattr(self.base_layer, "weight", None)
