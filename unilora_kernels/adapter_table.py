@@ -10,6 +10,7 @@ A mixed batch names one adapter per sequence; kernels read ids: -1 base, 0 defau
 
 from __future__ import annotations
 
+import json
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from .backends import policy
 
 TABLE_NAME = "unilora_adapter_table"
+NAMES_NAME = "unilora_adapter_names"  # buffer: the names -> rows map as UTF-8 JSON, so a state dict says who owns a row
 DEFAULT = "default"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 INITIAL_CAPACITY = 4
@@ -30,9 +32,15 @@ class AdapterTable:
         if dtype not in policy.ADAPTER_TABLE_DTYPES:
             raise TypeError(f"the adapter table is stored in one of {policy.ADAPTER_TABLE_DTYPES}, not {dtype}")
         self.bank = bank
-        self.dtype = dtype
+        self._dtype = dtype
         self.rows: dict[str, int] = {}  # name -> row of the table
         self.generation = 0  # bumped by every add/remove: the rows names map to may have changed
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The table's dtype as stored: ``model.to(torch.bfloat16)`` casts the parameter, so read it there."""
+        table = self.table
+        return self._dtype if table is None else table.dtype
 
     # -- storage ---------------------------------------------------------------------------
     @property
@@ -63,9 +71,10 @@ class AdapterTable:
         """Reallocate the table at ``capacity`` rows (a new parameter: build optimizers afterwards)."""
         theta = self.bank.theta_d
         old = self.table
-        new = torch.zeros((capacity, self.bank.d), dtype=self.dtype, device=theta.device)
-        if old is not None:
-            new[: old.shape[0]].copy_(old.detach())
+        with torch.inference_mode(False), torch.no_grad():  # a table made under inference_mode could never train
+            new = torch.zeros((capacity, self.bank.d), dtype=self.dtype, device=theta.device)
+            if old is not None:
+                new[: old.shape[0]].copy_(old.detach())
         self.bank.owner.register_parameter(TABLE_NAME, nn.Parameter(new, requires_grad=theta.requires_grad))
 
     # -- names -----------------------------------------------------------------------------
@@ -79,10 +88,11 @@ class AdapterTable:
         """Store ``theta`` (checked by the caller: length d, finite) as adapter ``name``."""
         self.check_new_name(name)
         row = self._free_row()
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             self.table[row].copy_(theta.to(self.table.device, self.dtype))
         self.rows[name] = row
         self.generation += 1
+        publish_rows(self)
 
     def remove(self, name: str) -> None:
         if name == DEFAULT:
@@ -90,8 +100,9 @@ class AdapterTable:
         row = self._row(name)
         del self.rows[name]
         self.generation += 1
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             self.table[row].zero_()
+        publish_rows(self)
 
     def _row(self, name: str) -> int:
         if name not in self.rows:
@@ -144,7 +155,8 @@ def _ids(bank, names, device) -> torch.Tensor:
             ids.append(rows[name] + 1)
         else:
             raise ValueError(f"unknown adapter {name!r}; adapters: {[DEFAULT, *rows]} (and {BASE!r} for none)")
-    return torch.tensor(ids, dtype=torch.int32, device=device)
+    with torch.inference_mode(False):  # cached and reused outside inference_mode (and saved for backward)
+        return torch.tensor(ids, dtype=torch.int32, device=device)
 
 
 def theta_of(bank, name: str) -> torch.Tensor:
@@ -160,7 +172,7 @@ def memory_of(bank) -> dict:
     """Bytes of the adapter table and per adapter, beside a plain LoRA adapter (fp32 A and B) of the
     same layers; before the first ``add_adapter``, per adapter is theta_d's own size."""
     table = bank.adapters
-    itemsize = (bank.theta_d if table is None else torch.empty(0, dtype=table.dtype)).element_size()
+    itemsize = (bank.theta_d.dtype if table is None else table.dtype).itemsize
     capacity = 0 if table is None else table.capacity
     return {
         "adapters": 1 if table is None else len(table.names()),
@@ -185,3 +197,60 @@ def table_of(bank, create: bool = False, dtype: Optional[torch.dtype] = None) ->
     elif dtype is not None and bank.adapters is not None and bank.adapters.dtype != dtype:
         raise ValueError(f"the model's adapter table is {bank.adapters.dtype}; it cannot hold {dtype} adapters")
     return bank.adapters
+
+
+# --------------------------------------------------------------------------------------------
+# the names of the rows in the state dict
+# --------------------------------------------------------------------------------------------
+def publish_rows(table: AdapterTable) -> None:
+    """Store ``table.rows`` in the owner's persistent buffer ``unilora_adapter_names``."""
+    data = json.dumps(table.rows, sort_keys=True).encode("utf-8")
+    with torch.inference_mode(False):
+        buf = torch.tensor(list(data), dtype=torch.uint8, device=table.bank.theta_d.device)
+    table.bank.owner.register_buffer(NAMES_NAME, buf, persistent=True)
+
+
+def _rows_of(buf, where: str) -> dict:
+    try:
+        rows = json.loads(bytes(buf.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"{where} is not a names -> rows map ({type(exc).__name__}: {exc})") from None
+    if not isinstance(rows, dict) or not all(isinstance(k, str) and isinstance(v, int) and v >= 0
+                                             for k, v in rows.items()):
+        raise ValueError(f"{where} is not a names -> rows map: {str(rows)[:80]}")
+    return rows
+
+
+def _refuse_merged(owner: nn.Module) -> None:
+    for name, module in owner.named_modules():
+        bank = getattr(module, "bank", None)
+        if getattr(module, "merged", False) is True and getattr(bank, "owner", None) is owner:
+            raise ValueError(f"load_state_dict into a merged model (layer {name!r} holds B A in its base weight; "
+                             "loading would leave unmerge() subtracting another adapter): unmerge() first")
+
+
+def load_state_dict_hook(owner, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    """The owner's load_state_dict pre-hook: refuse a merged model; map the incoming table's rows to
+    this model's rows by adapter name (adding orders may differ), or refuse other names."""
+    _refuse_merged(owner)
+    names_key, table_key = prefix + NAMES_NAME, prefix + TABLE_NAME
+    if names_key not in state_dict:
+        return  # no adapters there (or an older checkpoint): strict loading reports the missing key
+    theirs = _rows_of(state_dict[names_key], f"state_dict[{names_key!r}]")
+    mine_buf = owner._buffers.get(NAMES_NAME)
+    mine = {} if mine_buf is None else _rows_of(mine_buf, f"the model's {NAMES_NAME}")
+    if set(theirs) != set(mine):
+        raise ValueError(f"the state dict's adapter table holds {sorted(theirs)}, the model's {sorted(mine)}: "
+                         "add_adapter/remove_adapter the same names first (their values are then loaded by name)")
+    incoming, table = state_dict.get(table_key), owner._parameters.get(TABLE_NAME)
+    if mine_buf is None or incoming is None or table is None:
+        return  # nothing to map: torch reports missing or unexpected keys
+    if incoming.dim() != 2 or incoming.shape[1] != table.shape[1] or any(r >= incoming.shape[0] for r in theirs.values()):
+        raise ValueError(f"state_dict[{table_key!r}] has shape {tuple(incoming.shape)}, which does not hold the rows "
+                         f"{theirs} of d = {table.shape[1]:,}")
+    remapped = incoming.new_zeros(table.shape)
+    for name, row in mine.items():
+        remapped[row] = incoming[theirs[name]]
+    state_dict[table_key] = remapped
+    state_dict[names_key] = mine_buf

@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import batch_state
 from .adapter_table import DEFAULT, check_new_name, memory_of, sequence_ids, table_of, theta_of
 from .config import UniLoRAConfig, read_adapter_config
 from .model import find_bank, iter_layers
@@ -67,8 +68,8 @@ def _theta_from_dir(model: nn.Module, bank, path) -> torch.Tensor:
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Forget adapter ``name`` (its table row is zeroed and reused by the next ``add_adapter``)."""
     bank = find_bank(model)
-    if bank.batch is not None:
-        raise ValueError("remove_adapter inside adapter_batch: leave the batch first")
+    if batch_state.open_anywhere(bank):
+        raise ValueError("remove_adapter while an adapter_batch is open on the model (in any thread): leave it first")
     table = table_of(bank)
     if table is None:
         if name == DEFAULT:
@@ -96,18 +97,25 @@ def adapter_theta(model: nn.Module, name: str = DEFAULT) -> torch.Tensor:
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, names: Sequence[str]):
     """Run sequence i of every forward inside (``generate()`` included) with adapter ``names[i]``
-    (``"__base__"``: the base model alone). In training mode each row's gradient goes to its own
-    adapter: ``model.unilora_theta_d`` for "default", rows of ``model.unilora_adapter_table`` for the others.
-    Change adapters through those parameters (optimizer steps, ``copy_`` under ``torch.no_grad()``) or
-    ``add_adapter``/``remove_adapter``: the cpu backend keeps decode copies that follow their version
-    counters, which writes through ``.data`` bypass."""
+    (``"__base__"``: the base model alone). A batch of k times as many sequences (``generate`` with
+    ``num_beams=k`` or ``num_return_sequences=k``) runs ``names[i]`` on rows i*k .. i*k+k-1.
+
+    The batch is the state of this call, not of the model: it holds in the thread (or asyncio task)
+    that entered it, so threads serving one model each in their own ``adapter_batch`` get what each
+    would get alone, and contexts left in any order remove only their own batch (the innermost one
+    open in a thread is the one that runs). A thread started inside sees no batch: enter it there.
+
+    In training mode each row's gradient goes to its own adapter: ``model.unilora_theta_d`` for
+    "default", rows of ``model.unilora_adapter_table`` for the others. Change adapters through those
+    parameters (optimizer steps, ``copy_`` under ``torch.no_grad()``) or ``add_adapter``/``remove_adapter``:
+    the cpu backend keeps decode copies that follow their version counters, which writes through
+    ``.data`` bypass."""
     bank = find_bank(model)
     ids = sequence_ids(bank, names, bank.theta_d.device)
     if any(layer.merged for _, layer in iter_layers(model)):
         raise ValueError("adapter_batch needs unmerged layers (a merged layer holds the default adapter): unmerge() first")
-    previous = bank.batch
-    bank.batch = ids
+    state = batch_state.enter(bank, names, ids)
     try:
         yield ids
     finally:
-        bank.batch = previous
+        batch_state.leave(state)

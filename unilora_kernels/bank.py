@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import projection as P
+from . import adapter_table, batch_state, projection as P
 from .config import UniLoRAConfig
 
 THETA_NAME = "unilora_theta_d"
@@ -45,7 +45,8 @@ class UniLoRABank:
         self.projection = config.projection
         self._table: Optional[torch.Tensor] = None
         self.adapters = None  # the AdapterTable of other adapters sharing this projection (adapter_table.py)
-        self.batch: Optional[torch.Tensor] = None  # per-sequence adapter ids inside ``adapter_batch``
+        self._snapshot: Optional[torch.Tensor] = None  # a copy of theta_d (theta_snapshot)
+        self.open_batches = 0  # adapter_batch contexts open on this bank, all threads (batch_state.py)
         self.ids_cache: dict = {}  # names -> ids tensor (adapter_table.sequence_ids)
         # Indices the seed does not regenerate (a checkpoint's or a PEFT model's own) must be
         # saved with the adapter (peft_io.save_adapter).
@@ -69,6 +70,25 @@ class UniLoRABank:
         self.owner.register_parameter(THETA_NAME, param)
         scales = self._exact_scales if device is None else self._exact_scales.to(device)
         self.owner.register_buffer(SCALES_NAME, scales, persistent=False)
+        # refuses a merged model, maps the adapter table's rows by name (adapter_table.py)
+        self.owner.register_load_state_dict_pre_hook(adapter_table.load_state_dict_hook)
+
+    def theta_snapshot(self) -> torch.Tensor:
+        """A copy of theta_d as it is now, shared by the layers merged while it does not change
+        (``UniLoRALinear.merge`` keeps it so that ``unmerge`` subtracts exactly what was added)."""
+        theta = self.theta_d.detach()
+        hit = self._snapshot  # compared by value: writes through .data bump no version counter
+        if hit is not None and hit.dtype == theta.dtype and hit.device == theta.device and torch.equal(hit, theta):
+            return hit
+        with torch.inference_mode(False), torch.no_grad():
+            self._snapshot = theta.clone()
+        return self._snapshot
+
+    @property
+    def batch(self) -> Optional[torch.Tensor]:
+        """The per-sequence adapter ids of this thread's innermost ``adapter_batch`` (None outside)."""
+        state = batch_state.current(self)
+        return None if state is None else state.ids
 
     @property
     def theta_d(self) -> nn.Parameter:

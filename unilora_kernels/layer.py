@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from . import adapter_table, backends, ops, philox
+from . import adapter_table, backends, batch_state, ops, philox
 from .backends import PlanSpec, policy, row_bucket
 from .bank import THETA_NAME, UniLoRABank, init_theta
 from .plan import LayerPlan, PlanLinear, PlanUpdate
@@ -217,16 +217,17 @@ class UniLoRALinear(nn.Module):
             self.in_features, self.out_features, tuple(self._hash_params),
         )
 
-    def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense fp32 A (r x in) and B (out x r) of this layer (for merge, export, inspection)."""
-        theta = policy.theta_for_kernels(self.theta_d.detach())
+    def lora_matrices(self, theta: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense fp32 A (r x in) and B (out x r) of this layer (for merge, export, inspection), read
+        from ``theta`` (default: the model's theta_d)."""
+        theta = policy.theta_for_kernels((self.theta_d if theta is None else theta).detach())
         proj = self.projection(theta.device)
         impl = backends.get_backend(self.resolved_backend(theta.device.type), theta.device.type)
         return impl.lora_matrices(theta, proj)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``B A`` in the base weight's layout ((in, out) for Conv1D), fp32."""
-        A, B = self.lora_matrices()
+        A, B = self.lora_matrices(theta)
         dw = B @ A
         return dw.t() if self._weight_t else dw
 
@@ -245,10 +246,13 @@ class UniLoRALinear(nn.Module):
             warnings.warn(f"UniLoRALinear.{what}(): {state}, nothing to do", stacklevel=3)
             return
         weight = self._dense_weight(what)
-        delta = self.delta_weight().to(device=weight.device, dtype=weight.dtype)
+        # unmerge subtracts the delta of the theta that merge added, even if theta was written since
+        theta = self.bank.theta_snapshot() if merge else self.__dict__.get("_merged_theta")
+        delta = self.delta_weight(theta).to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             weight.add_(delta if merge else -delta)
         self.merged = merge
+        self._merged_theta = theta if merge else None
 
     def _dense_weight(self, what: str) -> torch.Tensor:
         weight = getattr(self.base_layer, "weight", None)
@@ -260,8 +264,9 @@ class UniLoRALinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         bank = self.bank
-        if bank.batch is not None and self.adapter_enabled:
-            return self._mixed_forward(x, bank.batch, args, kwargs)
+        batch = batch_state.ACTIVE.get().get(bank)  # this context's adapter_batch (batch_state.py)
+        if batch is not None and self.adapter_enabled:
+            return self._mixed_forward(x, batch, args, kwargs)
         if self.merged or not self.adapter_enabled:
             if self.merged and torch.is_grad_enabled() and self.theta_d.requires_grad and self.training:
                 warnings.warn("UniLoRALinear is merged: theta_d gets no gradient until unmerge()", stacklevel=2)
@@ -394,13 +399,15 @@ class UniLoRALinear(nn.Module):
             return torch.ops.unilora.linear(x, weight, bias, self._weight_t, *u)[0]
         return ops.linear_forward(x, weight, bias, self._weight_t, *u)[0]
 
-    def _mixed_forward(self, x: torch.Tensor, seq_adapter: torch.Tensor, args, kwargs) -> torch.Tensor:
+    def _mixed_forward(self, x: torch.Tensor, batch: batch_state.BatchState, args, kwargs) -> torch.Tensor:
         """Inside ``adapter_batch``: the base layer, then each sequence's own adapter (one op)."""
         if self.merged:
             raise ValueError("adapter_batch needs unmerged layers (a merged layer holds the default adapter): unmerge() first")
-        if x.dim() < 2 or x.shape[0] != seq_adapter.shape[0]:
-            raise ValueError(f"adapter_batch names {seq_adapter.shape[0]} sequences but {type(self).__name__} got an "
-                             f"input of shape {tuple(x.shape)} (dimension 0 is the batch)")
+        seq_adapter = batch.ids_for(x.shape[0]) if x.dim() >= 2 else None
+        if seq_adapter is None:
+            raise ValueError(f"adapter_batch names {len(batch.names)} sequences but {type(self).__name__} got an "
+                             f"input of shape {tuple(x.shape)} (dimension 0 is the batch: as many sequences, or k "
+                             "times as many for num_beams / num_return_sequences = k)")
         self._check_features(x)
         theta = self.theta_d
         table = adapter_table.table_for(self.bank, theta)

@@ -56,7 +56,9 @@ def read_adapter_tensors(path) -> dict:
 
 
 def write_adapter_dir(path, config: dict, state: dict, config_name: str = CONFIG_FILE) -> None:
-    """Write config + weights atomically (temp file then rename), replacing an older adapter."""
+    """Write config + weights, replacing an older adapter as a pair: both are written to temp names,
+    the old pair is moved aside, the new one moved in; any failure moves the old pair back, so the
+    directory never holds new weights beside an old config."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     st = _safetensors()
@@ -68,8 +70,7 @@ def write_adapter_dir(path, config: dict, state: dict, config_name: str = CONFIG
         with open(tmp_c, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
-        os.replace(tmp_w.name, os.path.join(path, WEIGHTS_FILE))
-        os.replace(tmp_c, os.path.join(path, config_name))
+        _replace_pair(path, [(tmp_w.name, WEIGHTS_FILE), (tmp_c, config_name)], tmp_w.name)
     finally:
         for leftover in (tmp_w.name, tmp_c):
             if os.path.exists(leftover):
@@ -78,6 +79,30 @@ def write_adapter_dir(path, config: dict, state: dict, config_name: str = CONFIG
         stale = os.path.join(path, other)
         if os.path.exists(stale):  # an older adapter of the other kind would shadow this one
             os.remove(stale)
+
+
+def _replace_pair(path: str, moves: list, stem: str) -> None:
+    """Move each (temp, name) of ``moves`` to ``path/name`` as one step: old files go to backups
+    first; on any error every step done is undone in reverse, so the old files are back."""
+    done = []  # (src, dst) renames done so far
+    try:
+        for i, (_, name) in enumerate(moves):
+            target = os.path.join(path, name)
+            if os.path.exists(target):
+                backup = f"{stem}.old{i}"
+                os.replace(target, backup)
+                done.append((target, backup))
+        for tmp, name in moves:
+            target = os.path.join(path, name)
+            os.replace(tmp, target)
+            done.append((tmp, target))
+    except BaseException:
+        for src, dst in reversed(done):
+            os.replace(dst, src)
+        raise
+    for src, dst in done:
+        if dst.startswith(stem + ".old"):
+            os.remove(dst)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +286,10 @@ def load_adapter(model: nn.Module, path, **overrides) -> nn.Module:
 
         bank = inject_planned(model, config, index_for)
     else:
+        merged = [n for n, layer in iter_layers(model) if layer.merged]
+        if merged:
+            raise ValueError(f"{where}: load_adapter into a merged model (layer {merged[0]!r} holds the current adapter "
+                             "in its base weight, which unmerge() would then subtract wrongly): unmerge() first")
         check_same_adapter(model, bank, config, index_keys, where)
         _check_bias_entries(bias_keys, {n: tuple(p.shape) for n, p in model.named_parameters()}, where)
     with torch.no_grad():

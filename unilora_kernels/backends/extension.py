@@ -346,18 +346,25 @@ def decode_columns(theta, table, seq_adapter) -> Optional[torch.Tensor]:
     Decode reads every layer of every step from it, so it is kept for the one ``seq_adapter`` tensor
     of a batch (``adapter_batch`` hands out one per list of names) while theta and the table keep
     their storage and version (in-place updates, optimizer steps included, bump the version; writes
-    through ``.data`` are not seen)."""
+    through ``.data`` are not seen). Inference tensors have no version counter: with one among
+    them (an adapter table made under ``torch.inference_mode``) the columns are built per call."""
+    if theta.is_inference() or table.is_inference() or seq_adapter.is_inference():
+        return _build_columns(theta, table, seq_adapter)
     key = (theta.data_ptr(), theta._version, table.data_ptr(), table._version, tuple(table.shape),
            seq_adapter.data_ptr(), seq_adapter._version)
     hit = _columns_cache.get("entry")
     if hit is not None and hit[0] == key and hit[1]() is seq_adapter:
         return hit[2]
-    # C++ reads the ids (checks them, counts the runs) and builds the columns: no host read here.
-    columns = torch.ops.unilora_C.decode_columns(theta, table, seq_adapter, DECODE_COLUMN_LANES)
-    if columns.numel() == 0:
-        columns = None
+    with torch.inference_mode(False), torch.no_grad():  # the copy outlives this call: it must not be an inference tensor
+        columns = _build_columns(theta, table, seq_adapter)
     _columns_cache["entry"] = (key, weakref.ref(seq_adapter), columns)
     return columns
+
+
+def _build_columns(theta, table, seq_adapter) -> Optional[torch.Tensor]:
+    # C++ reads the ids (checks them, counts the runs) and builds the columns: no host read here.
+    columns = torch.ops.unilora_C.decode_columns(theta, table, seq_adapter, DECODE_COLUMN_LANES)
+    return None if columns.numel() == 0 else columns
 
 
 def mixed_backward(g, x, theta, table, seq_adapter, proj: LayerProjection, p: float, seed, need_x: bool,
