@@ -9,4 +9,4 @@ step "running tests"
 # -P: import the installed package, not the source tree (the Triton sources and the compiled
 # extension only exist in the installed layout). pytest exits non-zero, also when it collects
 # no test (exit code 5), and `set -e` passes that on.
-"$VENV/bin/python" -P -m pytest -ra "$@"
+"$VENV/bin/python" -P -m pytest -ra --durations=30 "$@"
