@@ -108,8 +108,8 @@ def adapter_batch(model: nn.Module, names: Sequence[str]):
     In training mode each row's gradient goes to its own adapter: ``model.unilora_theta_d`` for
     "default", rows of ``model.unilora_adapter_table`` for the others. Change adapters through those
     parameters (optimizer steps, ``copy_`` under ``torch.no_grad()``) or ``add_adapter``/``remove_adapter``:
-    the cpu backend keeps decode copies that follow their version counters, which writes through
-    ``.data`` bypass."""
+    the cpu backend keeps decode copies that follow their version counters and are dropped after
+    every ``torch.optim.Optimizer`` step (fused ones included); writes through ``.data`` bypass them."""
     bank = find_bank(model)
     ids = sequence_ids(bank, names, bank.theta_d.device)
     if any(layer.merged for _, layer in iter_layers(model)):

@@ -11,6 +11,9 @@ or, for any Trainer subclass (trl's ``SFTTrainer``, ``Seq2SeqTrainer``), after b
 Every ``checkpoint-N/`` then holds ``adapter_config.json`` + ``adapter_model.safetensors``
 (PEFT's format, what ``save_adapter`` writes) beside Trainer's optimizer, scheduler and RNG
 files, and ``resume_from_checkpoint`` / ``load_best_model_at_end`` load the adapter back.
+Adapters registered with ``add_adapter`` are saved too, in PEFT's multi-adapter layout
+(``<dir>/<name>/adapter_model.safetensors`` + its config; ``unilora_adapters.json`` names them
+and their table rows), and restored by name; resuming adds the ones the model lacks.
 
 Why override Trainer's ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` rather than
 add a callback: Trainer writes the full weights in ``_save`` before any callback runs, and
@@ -21,11 +24,13 @@ model carries no Uni-LoRA adapter (or the checkpoint holds full weights).
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from torch import nn
 
+from .adapters import _theta_from_dir, add_adapter
 from .model import find_bank
 from .peft_io import WEIGHTS_FILE, load_adapter, save_adapter
 
@@ -38,6 +43,10 @@ FULL_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TRAINING_ARGS_FILE = "training_args.bin"
+# The added adapters' names -> table rows and the table's capacity: which subdirectories are
+# adapters (save_model's directory also holds checkpoint-N/, runs/), and the rows the optimizer
+# state in optimizer.pt belongs to.
+ADAPTERS_FILE = "unilora_adapters.json"
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -64,6 +73,81 @@ def is_adapter_checkpoint(path) -> bool:
     return not any(os.path.exists(os.path.join(path, name)) for name in FULL_WEIGHT_FILES)
 
 
+def _check_dir_name(name: str, where: str) -> None:
+    # Each added adapter is a subdirectory named after it: a name must stay inside the directory
+    # and not be taken for one of Trainer's checkpoints.
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or name.startswith("checkpoint-")):
+        raise ValueError(f"{where}: adapter name {name!r} cannot be a checkpoint subdirectory (PEFT's layout "
+                         "<dir>/<name>/): use a name without '/', '\\', '.'/'..' or a 'checkpoint-' prefix")
+
+
+def _table_layout(model: nn.Module):
+    """(names -> rows, capacity) of the model's added adapters."""
+    table = find_bank(model).adapters
+    return ({}, 0) if table is None else (dict(table.rows), table.capacity)
+
+
+def save_adapters(model: nn.Module, path) -> None:
+    """The model's own adapter in ``path`` (as ``save_adapter``) and each added one in ``path/<name>/``."""
+    rows, capacity = _table_layout(model)
+    for name in rows:  # every name checked before anything is written
+        _check_dir_name(name, os.fspath(path))
+    save_adapter(model, path)
+    if not rows:
+        return
+    for name in rows:
+        save_adapter(model, os.path.join(path, name), name=name)
+    tmp = os.path.join(path, ADAPTERS_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"rows": rows, "capacity": capacity}, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(path, ADAPTERS_FILE))
+
+
+def _read_layout(path):
+    file = os.path.join(os.fspath(path), ADAPTERS_FILE)
+    if not os.path.isfile(file):
+        return {}, None
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{file!r} is damaged ({type(exc).__name__}: {exc})") from None
+    rows, capacity = (data.get("rows"), data.get("capacity")) if isinstance(data, dict) else (None, None)
+    if (not isinstance(rows, dict) or not isinstance(capacity, int)
+            or not all(isinstance(k, str) and isinstance(v, int) and 0 <= v < capacity for k, v in rows.items())):
+        raise ValueError(f"{file!r} is not {{'rows': {{name: row}}, 'capacity': int}}: {str(data)[:80]}")
+    for name in rows:
+        _check_dir_name(name, file)
+    return rows, capacity
+
+
+def load_adapters(model: nn.Module, path, same_rows: bool = False) -> None:
+    """Load what ``save_adapters`` wrote: the model's own adapter, and each added one into its row
+    by name (added to the model when it lacks it, in the saved row order). ``same_rows`` (resuming,
+    where optimizer.pt holds per-row moments): refuse when the rows then differ from the saved ones."""
+    where = os.fspath(path)
+    rows, capacity = _read_layout(path)
+    bank = find_bank(model)
+    ordered = sorted(rows, key=rows.get)
+    thetas = {name: _theta_from_dir(model, bank, os.path.join(where, name)) for name in ordered}  # all checked first
+    load_adapter(model, path)
+    for name in ordered:
+        table = bank.adapters
+        if table is not None and name in table.rows:
+            with torch.no_grad():
+                row = table.theta_of(name)
+                row.copy_(thetas[name].to(row.device, row.dtype))
+        else:
+            add_adapter(model, name, thetas[name])
+    if same_rows and rows:
+        mine, my_capacity = _table_layout(model)
+        if mine != rows or my_capacity != capacity:
+            raise ValueError(f"{where}: the checkpoint's adapter table has rows {rows} of capacity {capacity}, the "
+                             f"model's {mine} of capacity {my_capacity}: the optimizer state would move other rows. "
+                             "Resume into a model without added adapters (they are added), or with these rows")
+
+
 class UniLoRACheckpointMixin:
     """Put before a ``transformers.Trainer`` class in the bases (``UniLoRATrainer`` does)."""
 
@@ -73,7 +157,7 @@ class UniLoRACheckpointMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:  # only the main process writes, as Trainer does
             return None
-        save_adapter(unwrapped(self.model), output_dir)
+        save_adapters(unwrapped(self.model), output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))
@@ -82,14 +166,14 @@ class UniLoRACheckpointMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.model if model is None else model
         if has_adapter(model) and is_adapter_checkpoint(resume_from_checkpoint):
-            load_adapter(unwrapped(model), resume_from_checkpoint)
+            load_adapters(unwrapped(model), resume_from_checkpoint, same_rows=True)
             return None
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
         if has_adapter(self.model) and best is not None and is_adapter_checkpoint(best):
-            load_adapter(unwrapped(self.model), best)
+            load_adapters(unwrapped(self.model), best)
             return None
         return super()._load_best_model()
 

@@ -1,0 +1,155 @@
+"""Adapters that change through training: what serving reads after an optimizer step, and what
+the Trainer saves and resumes (issue 22, items 2 and 9)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import unilora_kernels as uk
+from conftest import tiny_llama
+from contract import availability_marks
+from unilora_kernels.backends import extension
+
+D_SMALL = 97
+NAMES = ["a1", "default", "a0", "a1"]
+
+
+def _model(thetas=None, theta_d=None):
+    torch.manual_seed(0)
+    model = uk.inject(copy.deepcopy(tiny_llama()), uk.UniLoRAConfig(r=2, theta_d_length=D_SMALL,
+                                                                    target_modules="all-linear", backend="cpu"))
+    if theta_d is not None:
+        with torch.no_grad():
+            model.unilora_theta_d.copy_(theta_d)
+    if thetas is None:
+        g = torch.Generator().manual_seed(1)
+        thetas = [(torch.rand(D_SMALL, generator=g) * 2 - 1) * 0.5 for _ in range(2)]
+    for i, t in enumerate(thetas):
+        uk.add_adapter(model, f"a{i}", t)
+    return model
+
+
+def _decode(model, ids):
+    """One decode step: one token per sequence, so the cpu backend serves it from decode_columns."""
+    with torch.no_grad(), uk.adapter_batch(model, NAMES):
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("flavour", [pytest.param({"fused": True}, id="fused"),
+                                     pytest.param({"foreach": True}, id="foreach")])
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=availability_marks("cpu", "cpu"))])
+def test_decode_after_an_optimizer_step_reads_the_new_adapters(flavour, backend):
+    model = _model()
+    step_ids = torch.randint(0, 61, (len(NAMES), 1))
+    model.eval()
+    extension._columns_cache.clear()
+    before = _decode(model, step_ids)
+    assert extension._columns_cache, "the decode forward must go through decode_columns (the cache under test)"
+
+    model.train()
+    opt = torch.optim.AdamW([model.unilora_theta_d, model.unilora_adapter_table], lr=5e-2, weight_decay=0.0,
+                            **flavour)
+    train_ids = torch.randint(0, 61, (len(NAMES), 6))
+    with uk.adapter_batch(model, NAMES):
+        model(train_ids).logits.float().pow(2).mean().backward()
+    assert model.unilora_adapter_table.grad.abs().sum() > 0
+    opt.step()
+
+    model.eval()
+    after = _decode(model, step_ids)
+    fresh = _model([uk.adapter_theta(model, n).detach().clone() for n in ("a0", "a1")],
+                   theta_d=model.unilora_theta_d.detach().clone()).eval()
+    expected = _decode(fresh, step_ids)
+    assert not torch.equal(after, before), "the step moved the adapters, so decode must change"
+    assert torch.equal(after, expected), (after - expected).abs().max()
+
+
+# ------------------------------------------------------------------ Trainer, many adapters -----
+TRAINER_NAMES = ["a0", "default", "a1"]
+
+
+def _trainer_model(with_adapters: bool):
+    torch.manual_seed(0)
+    model = uk.inject(tiny_llama().train(), uk.UniLoRAConfig(r=2, theta_d_length=256, target_modules="all-linear"))
+    if with_adapters:
+        g = torch.Generator().manual_seed(5)
+        for name in ("a0", "a1"):
+            uk.add_adapter(model, name, (torch.rand(256, generator=g) * 2 - 1) * 0.1)
+    return model
+
+
+def _mixed_trainer(transformers, model, out, **kw):
+    from unilora_kernels.hf_trainer import UniLoRATrainer
+
+    class MixedTrainer(UniLoRATrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):  # each batch: one sequence per adapter
+            with uk.adapter_batch(model, TRAINER_NAMES):
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 61, (12, 6), generator=g)]
+    settings = dict(output_dir=str(out), per_device_train_batch_size=len(TRAINER_NAMES), learning_rate=1e-2,
+                    max_steps=4, save_steps=2, save_strategy="steps", logging_steps=100, report_to=[], use_cpu=True,
+                    dataloader_num_workers=0, seed=7, disable_tqdm=True, weight_decay=0.0)
+    settings.update(kw)
+    return MixedTrainer(model=model, args=transformers.TrainingArguments(**settings), train_dataset=data)
+
+
+def _all_thetas(model):
+    return {n: uk.adapter_theta(model, n).detach().clone() for n in uk.adapter_names(model)}
+
+
+def test_trainer_checkpoints_and_resumes_every_adapter(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    transformers.logging.set_verbosity_error()
+    model = _trainer_model(True)
+    start = _all_thetas(model)
+    trainer = _mixed_trainer(transformers, model, tmp_path / "full")
+    trainer.train()
+    uninterrupted = _all_thetas(model)
+    assert all(not torch.equal(uninterrupted[n], start[n]) for n in start), "every adapter trains"
+
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    for name in ("a0", "a1"):
+        assert (ckpt / name / "adapter_model.safetensors").is_file() and (ckpt / name / "adapter_config.json").is_file()
+    # The checkpoint holds each adapter as it was at step 2: a fresh model loads them by name.
+    at_2 = _trainer_model(False)
+    for name in ("a0", "a1"):
+        uk.add_adapter(at_2, name, ckpt / name)
+    uk.load_adapter(at_2, ckpt)
+
+    # A new process: a fresh model without the added adapters resumes; they are added, trained on.
+    fresh = _trainer_model(False)
+    _mixed_trainer(transformers, fresh, tmp_path / "resumed")._load_from_checkpoint(str(ckpt))  # train()'s first step
+    assert uk.adapter_names(fresh) == ["default", "a0", "a1"]
+    for name, theta in _all_thetas(at_2).items():
+        assert torch.equal(uk.adapter_theta(fresh, name).detach(), theta), name
+    resumed = _mixed_trainer(transformers, _trainer_model(False), tmp_path / "resumed4")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for name, theta in uninterrupted.items():
+        assert torch.equal(uk.adapter_theta(resumed.model, name).detach(), theta), name
+
+    trainer.save_model(str(tmp_path / "final"))
+    final = _trainer_model(False)
+    uk.load_adapter(final, tmp_path / "final")
+    for name in ("a0", "a1"):
+        uk.add_adapter(final, name, tmp_path / "final" / name)
+    for name, theta in uninterrupted.items():
+        assert torch.equal(uk.adapter_theta(final, name).detach(), theta), name
+
+
+def test_resume_refuses_an_adapter_table_in_other_rows(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    transformers.logging.set_verbosity_error()
+    trainer = _mixed_trainer(transformers, _trainer_model(True), tmp_path / "full", max_steps=2)
+    trainer.train()
+    other = _trainer_model(False)
+    uk.add_adapter(other, "a1", torch.zeros(256))  # a1 in row 0: optimizer.pt's moments are a0's there
+    resumed = _mixed_trainer(transformers, other, tmp_path / "resumed", max_steps=2)
+    with pytest.raises(ValueError, match="rows"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
