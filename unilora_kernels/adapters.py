@@ -39,7 +39,7 @@ def add_adapter(model: nn.Module, name: str, source: Union[str, os.PathLike, tor
     if isinstance(source, torch.Tensor):
         theta = _checked_tensor(source, bank.d)
     else:
-        theta = _theta_from_dir(model, bank, source)
+        theta = theta_from_dir(model, bank, source)
     table_of(bank, create=True, dtype=dtype).add(name, theta)
 
 
@@ -53,7 +53,9 @@ def _checked_tensor(theta: torch.Tensor, d: int) -> torch.Tensor:
     return theta.detach()
 
 
-def _theta_from_dir(model: nn.Module, bank, path) -> torch.Tensor:
+def theta_from_dir(model: nn.Module, bank, path) -> torch.Tensor:
+    """Adapter directory ``path``'s theta_d, checked against the model (its configuration and indices, no
+    trained biases, d); reads only."""
     where = os.fspath(path)
     config = UniLoRAConfig.from_peft_config(read_adapter_config(path))
     tensors = read_adapter_tensors(path)

@@ -30,7 +30,7 @@ import os
 import torch
 from torch import nn
 
-from .adapters import _theta_from_dir, add_adapter
+from .adapters import theta_from_dir, add_adapter
 from .model import find_bank
 from .peft_io import WEIGHTS_FILE, load_adapter, save_adapter
 
@@ -130,7 +130,7 @@ def load_adapters(model: nn.Module, path, same_rows: bool = False) -> None:
     rows, capacity = _read_layout(path)
     bank = find_bank(model)
     ordered = sorted(rows, key=rows.get)
-    thetas = {name: _theta_from_dir(model, bank, os.path.join(where, name)) for name in ordered}  # all checked first
+    thetas = {name: theta_from_dir(model, bank, os.path.join(where, name)) for name in ordered}  # all checked first
     load_adapter(model, path)
     for name in ordered:
         table = bank.adapters
