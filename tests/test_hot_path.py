@@ -76,3 +76,29 @@ def test_a_changed_knob_takes_effect_after_clear_plans(monkeypatch):
     assert [p.backend for p in layer._plans.values()] == ["reference"]
     layer.backend = "cpu"  # setting the attribute drops the plans too
     assert not layer._plans
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_a_layer_that_ran_deep_copies_and_pickles(backend):
+    """Plans hold kernels and backend modules, which cannot be copied: ``copy.deepcopy`` (EMA or
+    reference models) and ``torch.save`` of a layer that ran take it without its plans, and the copy
+    gives the same outputs and gradients with its own theta_d."""
+    import copy
+    import io
+
+    if not _available(backend):
+        pytest.skip(f"backend {backend} unavailable here")
+    layer = uk.UniLoRALinear(nn.Linear(12, 10), r=3, theta_d_length=40, backend=backend)
+    x = torch.randn(5, 12)
+    y = layer(x)
+    assert layer._plans
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        assert not clone._plans and clone.theta_d is not layer.theta_d
+        assert torch.equal(clone(x), y)
+        clone(x).sum().backward()
+        layer.theta_d.grad = None
+        layer(x).sum().backward()
+        assert torch.equal(clone.theta_d.grad, layer.theta_d.grad)

@@ -90,6 +90,52 @@ def test_row_strided_input_is_read_in_place(knobs):
     assert rec[0].args["x_ptr"] is rows and rec[0].args["stride_xm"] == 2 * in_f
 
 
+@pytest.mark.parametrize("layout", ["expanded_scalar", "expanded_row", "transposed"])
+@pytest.mark.parametrize("det", [False, True])
+def test_strided_grad_out_is_read_in_place(knobs, layout, det):
+    """grad_out of any strides (``sum()``'s is a stride-0 expansion, a transpose has column stride M)
+    goes to the kernels as it is: the gradients match the float64 oracle and g is never copied."""
+    knobs("split", det)
+    M, in_f, out_f, r, p = 37, 45, 29, 4, 0.2
+    proj = make_projection(in_f, out_f, r, D_SMALL, "hashed", device=DEVICE)
+    theta = random_theta(D_SMALL, device=DEVICE)
+    x = torch.randn(M, in_f, device=DEVICE)
+    g = {"expanded_scalar": torch.full((), 0.7, device=DEVICE).expand(M, out_f),
+         "expanded_row": torch.randn(1, out_f, device=DEVICE).expand(M, out_f),
+         "transposed": torch.randn(out_f, M, device=DEVICE).t()}[layout]
+    assert not g.is_contiguous()
+    seed = 11
+    ref = oracle(x, theta, proj, base_out=torch.zeros(M, out_f), p=p, seed=seed, grad_out=g.contiguous())
+    h = tb.forward_(torch.zeros(M, out_f, device=DEVICE), x, theta, proj, p, seed)
+    gx, gt = tb.backward(g, x, theta, proj, p, seed, h, None, True, True)
+    assert_close(gx, ref["grad_x"], torch.float32, f"grad_x ({layout})")
+    assert_close(gt, ref["grad_theta"], torch.float32, f"grad_theta ({layout})")
+    with triton_launch.record_launches() as rec:
+        tb.backward(g, x, theta, proj, p, seed, h, None, True, True)
+    g_reads = [(l.args.get("x_ptr", l.args.get("g_ptr")), l.args.get("stride_xk", l.args.get("stride_gn")))
+               for l in rec if l.args.get("x_ptr") is g or l.args.get("g_ptr") is g]
+    assert len(g_reads) == 2 and all(stride == g.stride(1) for _, stride in g_reads), g_reads  # gB and dB
+
+
+def test_layer_backward_of_sum_reads_the_expanded_grad(knobs):
+    """A layer's ``y.sum().backward()``: the plan hands the expanded grad_out to the kernels (no copy)."""
+    knobs("split")
+    layer = uk.UniLoRALinear(nn.Linear(33, 21), r=4, theta_d_length=D_SMALL, backend="triton").to(DEVICE)
+    x = torch.randn(40, 33, device=DEVICE, requires_grad=True)
+    with triton_launch.record_launches() as rec:
+        layer(x).sum().backward()
+    g_reads = [l.args for l in rec if "stride_gn" in l.args or l.args.get("stride_xk", 1) != 1]
+    assert len(g_reads) == 2 and all(a.get("stride_gn", a.get("stride_xk")) == 0 for a in g_reads), g_reads
+    x.grad = layer.theta_d.grad = None
+    layer(x).sum().backward()
+    ref = copy.deepcopy(layer).double()
+    ref.backend = "reference"
+    x64 = x.detach().double().requires_grad_(True)
+    ref(x64).sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "grad_x")
+    assert_close(layer.theta_d.grad, ref.theta_d.grad, torch.float32, "grad_theta")
+
+
 # ------------------------------------------------------------------ determinism -------------
 @pytest.mark.parametrize("kind", ["uniform", "hashed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

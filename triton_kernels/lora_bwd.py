@@ -155,12 +155,13 @@ def bwd_x_kernel(
 @kernel
 def bwd_db_kernel(
     g_ptr, h_ptr, gt_ptr, part_ptr, scale_ptr, idx_ptr,
-    M, N, R, stride_gm, n_a, n_layer,
+    M, N, R, stride_gm, stride_gn, n_a, n_layer,
     d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3, M_BUCKET,
     RP: tl.constexpr, HASHED: tl.constexpr, LOWP: tl.constexpr, DET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grid (N tiles, M splits): dB (N, R) = g^T h over the split's rows. B[n, i] sits at n * R + i."""
+    """grid (N tiles, M splits): dB (N, R) = g^T h over the split's rows. B[n, i] sits at n * R + i.
+    g may have any strides (``stride_gn`` 1 is folded into the code by Triton)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -175,7 +176,7 @@ def bwd_db_kernel(
     for t in range(t_lo, t_hi):
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
-        gv = tl.load(g_ptr + rm.to(tl.int64)[:, None] * stride_gm + rn[None, :],
+        gv = tl.load(g_ptr + rm.to(tl.int64)[:, None] * stride_gm + rn[None, :] * stride_gn,
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         hv = tl.load(h_ptr + rm[:, None] * R + rr[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         acc = mma(tl.trans(gv), hv, acc, LOWP, DT)

@@ -135,13 +135,14 @@ def fused_fwd_kernel(
 @kernel
 def shrink_kernel(
     x_ptr, y_ptr, theta_ptr, scale_ptr, idx_ptr,
-    M, K, R, stride_xm, w_stride_r, w_stride_c,
+    M, K, R, stride_xm, stride_xk, w_stride_r, w_stride_c,
     d, perm_D, perm_base, perm_half, perm_mask, perm_k0, perm_k1, perm_k2, perm_k3,
     seed_ptr, threshold, drop_scale, M_BUCKET,
     RP: tl.constexpr, HASHED: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y (M, R) fp32 [+]= drop(x) W^T; grid (M tiles, split-K)."""
+    """y (M, R) fp32 [+]= drop(x) W^T; grid (M tiles, split-K). ``stride_xk``: x's column stride
+    (1 for activations, which Triton folds into the code; any for a grad_out such as sum()'s expanded one)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     split = tl.num_programs(1)
@@ -158,7 +159,7 @@ def shrink_kernel(
     acc = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & (rk < K)[None, :], other=0.0)
+        xv = tl.load(x_rows + rk[None, :] * stride_xk, mask=m_mask[:, None] & (rk < K)[None, :], other=0.0)
         if DROPOUT:
             keep = dropout_keep(seed_ptr, rm, rk, K, threshold)
             xv = tl.where(keep, xv.to(tl.float32) * drop_scale, 0.0)

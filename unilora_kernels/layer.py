@@ -53,18 +53,23 @@ def _conv1d_layout(base: nn.Module) -> bool:
 _ABSENT = object()
 
 
-def _weight_and_bias(base: nn.Module) -> tuple:
-    """``(base.weight, base.bias)`` read from the module's parameter dict where they are registered
-    there (one dict lookup each, not ``Module.__getattr__``), else as attributes (parametrizations)."""
+def _hookless_weight_and_bias(base: nn.Module) -> Optional[tuple]:
+    """``(base.weight, base.bias)`` when no forward hook would see ``base(x)`` (the fused op skips that
+    call), else None. Read from the parameter dict where they are registered there (one lookup
+    each, not ``Module.__getattr__``), else as attributes (parametrizations): this runs per call."""
+    if (base._forward_hooks or base._forward_pre_hooks or _torch_module._global_forward_hooks
+            or _torch_module._global_forward_pre_hooks):
+        return None
     params = base._parameters
     weight = params.get("weight", _ABSENT)
     bias = params.get("bias", _ABSENT)
     return (base.weight if weight is _ABSENT else weight), (getattr(base, "bias", None) if bias is _ABSENT else bias)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or _torch_module._global_forward_hooks
-                or _torch_module._global_forward_pre_hooks)
+# torch.is_autocast_enabled(device.type) builds the type string per call; this C check is one call
+# and false unless some autocast is on (a stand-in where torch lacks it)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+PLAN_ALIASES = 256  # row counts a layer keeps a direct plan entry for (plans are per row bucket)
 
 
 class UniLoRALinear(nn.Module):
@@ -116,7 +121,8 @@ class UniLoRALinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.r = config.r
         self.offset = offset
-        self._plans: dict = {}  # plan key -> LayerPlan (plan.py); dropped by clear_plans()
+        self._plans: dict = {}  # per-call key (exact M) -> LayerPlan (plan.py); dropped by clear_plans()
+        self._bucket_plans: dict = {}  # the same key with M's row bucket -> the plan it built
         self.unilora_dropout = float(config.unilora_dropout)
         self.backend = config.backend
         self.merged = False
@@ -159,15 +165,40 @@ class UniLoRALinear(nn.Module):
         """Forget the cached plans: the next call re-resolves the backend and re-reads the knobs
         (UNILORA_BACKEND, UNILORA_DETERMINISTIC, the Triton schedule and autotune knobs)."""
         self.__dict__["_plans"] = {}
+        self.__dict__["_bucket_plans"] = {}
+
+    def __getstate__(self):
+        """Plans hold kernels and backend modules: ``copy.deepcopy`` / pickling a layer that has run
+        copies it without them (the copy builds its own on first use)."""
+        state = self.__dict__.copy()
+        state["_plans"], state["_bucket_plans"] = {}, {}
+        return state
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_plans()  # .to() / .half() / .cuda(): indices and scales move, dtypes change
         return super()._apply(fn, *args, **kwargs)
 
     def _build_plan(self, key: tuple, x: torch.Tensor) -> Optional[LayerPlan]:
-        """The plan of calls with this key, or None when such a call takes the general path."""
+        """The plan of calls with this key, or None when such a call takes the general path.
+        Calls key their plan by M; the plan is built once per row bucket and shared."""
+        device, x_dtype, _grad, training, cast, det, M = key
+        bucket = row_bucket(M)
+        bkey = key[:-1] + (bucket,)
+        plan = self._bucket_plans.get(bkey)
+        if plan is None:
+            plan = self._new_plan(bkey)
+            if plan is None:
+                return None
+            self._bucket_plans[bkey] = plan
+        if len(self._plans) >= PLAN_ALIASES:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _new_plan(self, key: tuple) -> Optional[LayerPlan]:
         device, x_dtype, _grad, training, cast, det, bucket = key
-        theta = policy.theta_for_kernels(self.theta_d)
+        theta_in = self.theta_d
+        theta = policy.theta_for_kernels(theta_in)
         if theta.device != device or self.unilora_indices_A.device != device:
             return None
         base = self.base_layer
@@ -186,9 +217,8 @@ class UniLoRALinear(nn.Module):
             theta, proj.scales, proj.idx_a, proj.idx_b, self.r, list(proj.hash_params), p, seed, backend))
         spec = PlanSpec(proj, device, dtype, theta.dtype, p, bucket, policy.deterministic())
         impl = backends.get_backend(backend, device.type)
-        plan = LayerPlan(backend, spec, compiled_linear=hasattr(impl, "linear_autograd"), cast=cast)
-        self._plans[key] = plan
-        return plan
+        return LayerPlan(backend, spec, compiled_linear=hasattr(impl, "linear_autograd"), cast=cast,
+                         theta_in=theta_in.dtype, weight_t=self._weight_t)
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -280,19 +310,21 @@ class UniLoRALinear(nn.Module):
         M = x.numel() // in_f
         device = x.device
         grad = torch.is_grad_enabled()
-        cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (device, x.dtype, grad, self.training, cast, torch.are_deterministic_algorithms_enabled(),
-               row_bucket(M))
+        cast = (torch.get_autocast_dtype(device.type)
+                if _any_autocast() and torch.is_autocast_enabled(device.type) else None)
+        key = (device, x.dtype, grad, self.training, cast, torch.are_deterministic_algorithms_enabled(), M)
         plan = self._plans.get(key)
         if plan is None and (M == 0 or (plan := self._build_plan(key, x)) is None):
             return self._forward_general(x, args, kwargs)
-        theta = policy.theta_for_kernels(bank.owner._parameters[THETA_NAME])
-        if theta.device != device:
+        theta = bank.owner._parameters[THETA_NAME]
+        if theta.dtype is not plan.theta_in or theta.device != device:  # theta replaced since the plan
             return self._forward_general(x, args, kwargs)
+        if plan.theta_up:
+            theta = policy.theta_for_kernels(theta)
         seed = philox.new_seed(device) if plan.p else None
         base = self._modules["base_layer"]  # not Module.__getattr__: this runs per call
-        if self._fusable_base and not args and not kwargs and not _has_hooks(base):
-            weight, bias = _weight_and_bias(base)
+        if self._fusable_base and not args and not kwargs and (wb := _hookless_weight_and_bias(base)) is not None:
+            weight, bias = wb
             if type(weight) in _PLAIN_TENSORS and weight.device == device:
                 if plan.cast is not None:
                     x, weight = x.to(plan.cast), weight.to(plan.cast)
@@ -307,7 +339,7 @@ class UniLoRALinear(nn.Module):
                             out = plan.c_infer(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed)[0]
                         return out if flat else out.view(*x.shape[:-1], self.out_features)
                     if grad:
-                        return PlanLinear.apply(x, weight, bias, theta, seed, plan, self._weight_t)
+                        return PlanLinear.apply(x, weight, bias, theta, seed, plan)
                     if x2d.stride(-1) != 1:
                         x2d = x2d.contiguous()
                     out = ops.base_linear(x2d, weight, bias, self._weight_t)
@@ -339,9 +371,9 @@ class UniLoRALinear(nn.Module):
         if scales.device != x.device:
             scales = scales.to(x.device)
         u = self._update_args(x, theta, scales)
-        if (self._fusable_base and not args and not kwargs and type(base.weight) in _PLAIN_TENSORS
-                and x.device == base.weight.device and not _has_hooks(base)):
-            weight, bias = base.weight, base.bias
+        wb = _hookless_weight_and_bias(base) if self._fusable_base and not args and not kwargs else None
+        if wb is not None and type(wb[0]) in _PLAIN_TENSORS and x.device == wb[0].device:
+            weight, bias = wb
             if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype):
                 # What autocast does to nn.Linear / Conv1D (linear, addmm): every operand in its dtype.
                 dtype = torch.get_autocast_dtype(x.device.type)

@@ -1,7 +1,8 @@
 """Layer plans: everything static about a ``UniLoRALinear`` call, resolved once and reused.
 
 A layer call on the hot path does three things per call: look its plan up (one dict lookup on
-``(device, dtype, grad mode, training, autocast dtype, deterministic, row bucket)``), draw the
+``(device, dtype, grad mode, training, autocast dtype, deterministic, M)``; plans are built once
+per row bucket of M and shared by its row counts), draw the
 dropout seed on the device (no host read: a CUDA-graph replay draws a fresh one), and make one
 call each way:
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import backends, ops
 from .backends import PlanSpec
@@ -53,10 +55,16 @@ def make_update_plan(backend: str, spec: PlanSpec):
 class LayerPlan:
     """One layer's resolved call for one key (see the module docstring)."""
 
-    __slots__ = ("backend", "spec", "update", "c_train", "c_infer", "c_args", "p", "det", "cast")
+    __slots__ = ("backend", "spec", "update", "c_train", "c_infer", "c_args", "p", "det", "cast", "theta_in",
+                 "theta_up", "weight_t")
 
-    def __init__(self, backend: str, spec: PlanSpec, compiled_linear: bool, cast: Optional[torch.dtype]):
+    def __init__(self, backend: str, spec: PlanSpec, compiled_linear: bool, cast: Optional[torch.dtype],
+                 theta_in: Optional[torch.dtype] = None, weight_t: bool = False):
         self.backend = backend
+        self.weight_t = weight_t  # the layer's base stores W as (in, out) (transformers' Conv1D)
+        # theta_d's own dtype when the plan was built; theta_up: the kernels read it upcast (policy.theta_for_kernels)
+        self.theta_in = spec.theta_dtype if theta_in is None else theta_in
+        self.theta_up = self.theta_in is not spec.theta_dtype
         self.spec = spec
         self.p = spec.dropout_p
         self.det = spec.deterministic
@@ -77,27 +85,26 @@ class PlanLinear(torch.autograd.Function):
 
     Forward runs the base GEMM into a fresh output and the plan adds the update into it in place;
     backward starts grad_x from ``g W`` and the plan adds ``(g B) A`` into it and returns theta's
-    gradient (one d-length tensor). ``weight_t``: W is stored (in, out) (transformers' Conv1D)."""
+    gradient (one d-length tensor). ``plan.weight_t``: W is stored (in, out) (transformers' Conv1D)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, theta, seed, plan: LayerPlan, weight_t: bool):
+    def forward(ctx, x, weight, bias, theta, seed, plan: LayerPlan):
         flat = x.dim() == 2  # 2-D x (the layer's usual call): no reshape or view
         x2d = x if flat else x.reshape(-1, x.shape[-1])
-        out = ops.base_linear(x2d, weight, bias, weight_t)
+        weight_t = plan.weight_t
+        out = ops.base_linear(x2d, weight, bias, True) if weight_t else F.linear(x2d, weight, bias)  # = base_linear
         h = plan.update.forward_(out, x2d, theta, seed)
         ctx.save_for_backward(x2d, theta, seed, h, weight)
-        ctx.plan, ctx.weight_t = plan, weight_t
+        ctx.plan = plan
         return out if flat else out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, theta, seed, h, weight = ctx.saved_tensors
-        need_x, need_w, need_b, need_theta = ctx.needs_input_grad[:4]
+        need_x, need_w, need_b, need_theta, _, _ = ctx.needs_input_grad
         flat = grad_out.dim() == 2
-        g2d = grad_out if flat else grad_out.reshape(-1, grad_out.shape[-1])
-        if not g2d.is_contiguous():
-            g2d = g2d.contiguous()
-        weight_t = ctx.weight_t
+        g2d = grad_out if flat else grad_out.reshape(-1, grad_out.shape[-1])  # any strides: plans read them
+        weight_t = ctx.plan.weight_t
         grad_x = grad_w = grad_b = grad_theta = None
         if need_x:
             grad_x = g2d @ (weight.t() if weight_t else weight)
@@ -109,7 +116,7 @@ class PlanLinear(torch.autograd.Function):
             grad_b = g2d.sum(0)
         if grad_x is not None and not flat:
             grad_x = grad_x.view(*grad_out.shape[:-1], x2d.shape[1])
-        return grad_x, grad_w, grad_b, grad_theta, None, None, None
+        return grad_x, grad_w, grad_b, grad_theta, None, None
 
 
 class PlanUpdate(torch.autograd.Function):
@@ -132,8 +139,6 @@ class PlanUpdate(torch.autograd.Function):
         grad_x = grad_theta = None
         if need_x or need_theta:
             g2d = grad_out.reshape(-1, grad_out.shape[-1])
-            if not g2d.is_contiguous():
-                g2d = g2d.contiguous()
             grad_x, grad_theta = ctx.plan.update.backward(g2d, x2d, theta, seed, h, None, need_x, need_theta)
             if grad_x is not None:
                 grad_x = grad_x.view(*grad_out.shape[:-1], x2d.shape[1])

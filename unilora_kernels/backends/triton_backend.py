@@ -402,7 +402,7 @@ class TritonPlan:
                                 perm_base_b=base_b, M_BUCKET=rows, **pa, **drop)
         else:
             self.sh = slot(SHRINK, dict(RP=RP, HASHED=hashed, LOWP=lowp, DROPOUT=dropout), K, 0)
-            self.sh_args = dict(idx_ptr=idx_a, K=K, R=R, w_stride_r=K, w_stride_c=1, perm_base=base_a,
+            self.sh_args = dict(idx_ptr=idx_a, K=K, R=R, stride_xk=1, w_stride_r=K, w_stride_c=1, perm_base=base_a,
                                 M_BUCKET=rows, **pa, **drop)
             self.ex = slot(EXPAND, dict(RP=RP, HASHED=hashed, LOWP=lowp, NC=NC), 0, N)
             self.ex_args = dict(idx_ptr=idx_b, N=N, R=R, w_stride_r=1, w_stride_c=R, perm_base=base_b,
@@ -452,22 +452,19 @@ class TritonPlan:
         d = theta.shape[0]
         so = out2d.stride(0) if M > 1 else N
         geo = self._geo.get(M) or self._geometry(M)
+        sx = x2d.stride(0) if M > 1 else self.K
         if self.fused:
-            h = torch.empty((M, self.R), dtype=torch.float32, device=dev)
-            run(self.fu, geo.fwd, dict(self.fu_args, x_ptr=x2d, out_ptr=out2d, h_ptr=h, M=M, stride_xm=x2d.stride(0)
-                                       if M > 1 else self.K, stride_om=so, theta_ptr=theta, d=d, seed_ptr=seed))
+            h = theta.new_empty(M, self.R)  # fp32 on dev (theta's, checked by every caller)
+            run(self.fu, geo.fwd, {**self.fu_args, "x_ptr": x2d, "out_ptr": out2d, "h_ptr": h, "M": M, "stride_xm": sx,
+                                   "stride_om": so, "theta_ptr": theta, "d": d, "seed_ptr": seed})
             return h
-        h = self._shrink(self.sh, self.sh_args, geo.sh, x2d, theta, seed, M, self.K)
-        run(self.ex, geo.fwd, dict(self.ex_args, h_ptr=h, out_ptr=out2d, M=M, stride_om=so, theta_ptr=theta, d=d))
+        # h = drop(x) A^T by shrink_kernel (zeroed under split-K, whose programs add with fp32 atomics)
+        h = theta.new_zeros(M, self.R) if geo.sh[1] > 1 else theta.new_empty(M, self.R)
+        run(self.sh, geo.sh, {**self.sh_args, "x_ptr": x2d, "y_ptr": h, "M": M, "stride_xm": sx, "theta_ptr": theta,
+                              "d": d, "seed_ptr": seed})
+        run(self.ex, geo.fwd, {**self.ex_args, "h_ptr": h, "out_ptr": out2d, "M": M, "stride_om": so,
+                               "theta_ptr": theta, "d": d})
         return h
-
-    def _shrink(self, sl, static: dict, grid: tuple, x, theta, seed, M: int, K: int) -> torch.Tensor:
-        """y = drop(x) W^T (M x r, fp32) by ``shrink_kernel``: h in forward, gB in backward."""
-        # split-K (grid[1] > 1: fp32 atomics into a zeroed y)
-        y = (torch.zeros if grid[1] > 1 else torch.empty)((M, self.R), dtype=torch.float32, device=self.device)
-        run(sl, grid, dict(static, x_ptr=x, y_ptr=y, M=M, stride_xm=x.stride(0) if M > 1 else K,
-                           theta_ptr=theta, d=theta.shape[0], seed_ptr=seed))
-        return y
 
     # ---------------------------------------------------------------- geometry --------------
     def _geometry(self, M: int) -> "_Geometry":
@@ -517,10 +514,12 @@ class TritonPlan:
         K, N, R = self.K, self.N, self.R
         dev = self.device
         d = theta.shape[0]
-        grad_theta = torch.zeros(d, dtype=torch.float32, device=dev) if need_theta else None
+        # Allocations through theta (fp32 on the plan's device: every caller checks) and x: Tensor.new_*
+        # parses fewer arguments than torch.zeros(size, dtype=, device=), which counts on the hot path.
+        grad_theta = theta.new_zeros(d) if need_theta else None
         accum = grad_x2d is not None
         if need_x and not accum:
-            grad_x2d = torch.empty((M, K), dtype=x2d.dtype, device=dev)
+            grad_x2d = x2d.new_empty(M, K)
         if M == 0 or not (need_x or need_theta):
             if need_x and not accum:
                 grad_x2d.zero_()
@@ -545,19 +544,23 @@ class TritonPlan:
         geo = self._geo.get(M) or self._geometry(M)
         grid, splits_det, db_grid = geo.bwd.get(combo) or self._backward_grids(geo, M, combo)
 
-        gb = self._shrink(self.gb, self.gb_args, geo.gb, g2d, theta, None, M, N)
+        # gB = g B by shrink_kernel (zeroed under split-K, as in forward_)
+        gb = theta.new_zeros(M, R) if geo.gb[1] > 1 else theta.new_empty(M, R)
+        sg, sgn = (g2d.stride(0) if M > 1 else N), g2d.stride(1)  # g: any strides (sum()'s is expanded)
+        run(self.gb, geo.gb, {**self.gb_args, "x_ptr": g2d, "y_ptr": gb, "M": M, "stride_xm": sg, "stride_xk": sgn,
+                              "theta_ptr": theta, "d": d, "seed_ptr": None})
         part = None
         if splits_det is not None:
             part = torch.empty((splits_det, self.n_layer), dtype=torch.float32, device=dev)
-        run(bx, grid, dict(self.bx_args, gb_ptr=gb, x_ptr=x2d, gx_ptr=grad_x2d if need_x else None,
-                           gt_ptr=grad_theta, part_ptr=part, M=M, stride_xm=x2d.stride(0) if M > 1 else K,
-                           stride_gxm=(grad_x2d.stride(0) if M > 1 else K) if need_x else 0, theta_ptr=theta, d=d,
-                           seed_ptr=seed))
+        run(bx, grid, {**self.bx_args, "gb_ptr": gb, "x_ptr": x2d, "gx_ptr": grad_x2d if need_x else None,
+                       "gt_ptr": grad_theta, "part_ptr": part, "M": M, "stride_xm": x2d.stride(0) if M > 1 else K,
+                       "stride_gxm": (grad_x2d.stride(0) if M > 1 else K) if need_x else 0, "theta_ptr": theta, "d": d,
+                       "seed_ptr": seed})
         if not need_theta:
             return grad_x2d, None
 
-        run(self.db, db_grid, dict(self.db_args, g_ptr=g2d, h_ptr=h, gt_ptr=grad_theta, part_ptr=part, M=M,
-                                   stride_gm=g2d.stride(0) if M > 1 else N, d=d))
+        run(self.db, db_grid, {**self.db_args, "g_ptr": g2d, "h_ptr": h, "gt_ptr": grad_theta, "part_ptr": part,
+                               "M": M, "stride_gm": sg, "stride_gn": sgn, "d": d})
         if det:
             csr = self._csr
             if csr is None or self._csr_tag != self._tag(d):
@@ -652,7 +655,7 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
     if need_x and grad_x2d is not None:
         _check_inplace(grad_x2d, (M, K), "grad_x")
     _check_h(h, M, proj.r, need_theta)
-    x2d, g2d = _unit_last(x2d), _unit_last(g2d)
+    x2d = _unit_last(x2d)  # g: any strides
     return _plan_of(x2d, theta, proj, p, g2d.dtype).backward(g2d, x2d, theta, seed, h, grad_x2d, need_x, need_theta)
 
 # --------------------------------------------------------------------------------------------
