@@ -42,7 +42,7 @@ FULL_DS = [23_040, 524_288]  # the paper's d
 FULL_MS = [1, 16, 256, 2048, 8192]
 LAYER_COLUMNS = [
     "device", "dtype", "mode", "in_features", "out_features", "r", "d", "M", "candidate", "backend", "kind",
-    "correct", "check", "median_ms", "p20_ms", "p80_ms", "naive_ref", "ratio_to_naive", "ratio_to_base",
+    "correct", "check", "median_ms", "p20_ms", "p80_ms", "device_ms", "device_ms_source", "naive_ref", "ratio_to_naive", "ratio_to_base",
     "index_bytes_per_elem", "saved_bytes", "largest_alloc_bytes", "peak_mem_bytes",
 ]
 MODEL_COLUMNS = [
@@ -265,6 +265,8 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv,
         "",
         "Times are medians (torch.utils.benchmark on CPU, triton.testing.do_bench on GPU) after warm-up;",
         "every candidate was checked against the naive projection (PEFT's layer when installed) at the timed size first.",
+        "layer.csv's `device_ms`: GPU time per call from the profiler (kernels, memcpy and memset summed: no launch",
+        "gaps, no host time); empty on CPU, which has no device clock apart from the host's (`device_ms_source` says so).",
         "",
         "## Layer",
         "",

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 EXPECTED_LAYER_COLUMNS = {
     "device", "dtype", "mode", "in_features", "out_features", "r", "d", "M", "candidate", "backend", "correct",
-    "median_ms", "p20_ms", "p80_ms", "ratio_to_naive", "ratio_to_base", "index_bytes_per_elem", "saved_bytes",
+    "median_ms", "p20_ms", "p80_ms", "device_ms", "device_ms_source", "ratio_to_naive", "ratio_to_base", "index_bytes_per_elem", "saved_bytes",
     "largest_alloc_bytes", "peak_mem_bytes",
 }
 
@@ -38,6 +38,8 @@ def test_quick_run_on_tiny_sizes(tmp_path):
         # correctness was checked first, and only correct results were timed
         assert r["correct"] == "True", r
         assert float(r["median_ms"]) > 0
+        # CPU: no device clock apart from the host's, so no device_ms, and the row says why
+        assert r["device_ms"] == "" and r["device_ms_source"].startswith("none on cpu"), r
         if r["candidate"].startswith("unilora") or r["candidate"] in ("naive", "peft-unilora"):
             assert "rel err" in r["check"]
     training = [r for r in rows if r["mode"] == "training"]
@@ -179,3 +181,11 @@ def test_a_partial_run_never_replaces_a_full_runs_results(tmp_path, monkeypatch,
     cpu = torch.device("cpu")
     assert run.output_dir(run.parse_args(["--cpu", "--threads", "2"]), cpu) == str(full)
     assert run.output_dir(run.parse_args(["--quick"]), cpu) == str(full / "partial")
+
+
+def test_device_time_is_empty_on_cpu_with_the_reason():
+    from common import NO_DEVICE_TIME_ON_CPU, device_time_ms
+
+    calls = []
+    assert device_time_ms(lambda: calls.append(1), torch.device("cpu")) == (None, NO_DEVICE_TIME_ON_CPU)
+    assert not calls  # nothing is run for a number it cannot give
