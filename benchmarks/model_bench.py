@@ -120,6 +120,15 @@ def build(name: str, base, s: dict, theta: Optional[torch.Tensor]) -> Candidate:
     return Candidate(name, model, "unilora", backend=_auto_backend(layer), params=[model.unilora_theta_d])
 
 
+def peft_unilora_available() -> bool:
+    """PEFT with its Uni-LoRA (an older PEFT, as a GPU image may hold, has LoRA alone)."""
+    try:
+        from peft import UniLoraConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _auto_backend(layer) -> str:
     """What ``auto`` resolves to on the layer's device (on CUDA, decode-sized calls may still run
     ``cuda`` when both are built: README, Backends)."""
@@ -296,7 +305,8 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=N
     compile_backend = compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
     reps = 3 if quick or tiny else 10  # training steps timed (each after a warm-up step)
     decode_reps = 2 if quick or tiny else 5  # whole decodes of new_tokens tokens timed (after one warm-up)
-    names = [n for n in CANDIDATES if (n == "base" or peft_installed() or not n.startswith("peft"))]
+    names = [n for n in CANDIDATES if n in ("base", "unilora[auto]") or (n == "peft-lora" and peft_installed())
+             or (n == "peft-unilora" and peft_unilora_available())]
     if candidates is not None:
         timed = set(candidates)
     elif selected is not None:
