@@ -149,7 +149,7 @@ def train_step(c: Candidate, ids):
     opt = torch.optim.AdamW(c.params, lr=1e-4) if c.params else None
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -160,7 +160,7 @@ def train_step(c: Candidate, ids):
 
 
 def loss_and_grad(c: Candidate, ids):
-    loss = c.module(input_ids=ids, labels=ids).loss
+    loss = c.module(input_ids=ids, labels=ids, use_cache=False).loss
     grad = torch.autograd.grad(loss, c.params[0])[0] if c.params else None
     return loss.detach().float(), grad
 
@@ -180,24 +180,26 @@ def uncompile_layers(model) -> None:
 
 
 def decode_eager(model, prompt, new_tokens: int):
-    """Greedy decoding with a DynamicCache: (first step's logits, seconds per new token)."""
+    """Greedy decoding with a DynamicCache: (first step's logits, [seconds of each new token]).
+    Each token is waited for (synchronised), as a server must before it sends it."""
     from transformers import DynamicCache
 
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    times, first = [], None
     with torch.no_grad():
         cache = DynamicCache()
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
-        first = None
         sync()
-        t0 = time.perf_counter()
         for _ in range(new_tokens):
+            t0 = time.perf_counter()
             out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            sync()
+            times.append(time.perf_counter() - t0)
             if first is None:
                 first = out.logits.float().clone()
-            tok = out.logits[:, -1:].argmax(-1)
-        sync()
-    return first, (time.perf_counter() - t0) / new_tokens
+    return first, times
 
 
 class StaticDecoder:
@@ -239,7 +241,7 @@ class StaticDecoder:
 
 
 def decode_graphs(model, prompt, new_tokens: int, reps: int):
-    """(first replayed step's logits, [seconds per token per rep], eager static step's logits)."""
+    """(first replayed step's logits, [seconds of each replayed token], the eager static step's logits)."""
     dec = StaticDecoder(model, prompt.shape[0], prompt.shape[1], new_tokens, prompt.device)
     dec.prefill(prompt)
     eager_first = dec.step().float().clone()  # the same step, uncaptured: what the replay must give
@@ -254,20 +256,20 @@ def decode_graphs(model, prompt, new_tokens: int, reps: int):
     dec.prefill(prompt)
     with torch.cuda.graph(graph):
         logits = dec.step()
-    times, first = [], None
-    for _ in range(reps + 1):  # the first pass is a warm-up
+    dec.prefill(prompt)
+    graph.replay()  # warm-up replay, and the check's logits
+    torch.cuda.synchronize()
+    first = logits.float().clone()
+    times = []
+    for _ in range(reps):
         dec.prefill(prompt)
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(new_tokens):
+        for _ in range(new_tokens):  # per token, waited for as decode_eager's
+            t0 = time.perf_counter()
             graph.replay()
-            if first is None:
-                torch.cuda.synchronize()
-                first = logits.float().clone()
-                t0 = time.perf_counter()  # the check's copy stays out of the time
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / (new_tokens - 1 if len(times) == 0 else new_tokens))
-    return first, times[1:], eager_first
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return first, times, eager_first
 
 
 def _stats(seconds: list) -> dict:
@@ -304,7 +306,7 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=N
     jobs = list(jobs or JOBS)
     compile_backend = compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
     reps = 3 if quick or tiny else 10  # training steps timed (each after a warm-up step)
-    decode_reps = 2 if quick or tiny else 5  # whole decodes of new_tokens tokens timed (after one warm-up)
+    decode_reps = 1 if quick or tiny else 3  # decodes of new_tokens tokens, each token timed (after a warm-up)
     names = [n for n in CANDIDATES if n in ("base", "unilora[auto]") or (n == "peft-lora" and peft_installed())
              or (n == "peft-unilora" and peft_unilora_available())]
     if candidates is not None:
@@ -385,6 +387,9 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=N
                 model.train()
                 step = train_step(c, ids)
                 if job == "train-compiled":
+                    from torch._dynamo.utils import counters
+
+                    graphs0 = counters["stats"]["unique_graphs"]
                     t0 = time.perf_counter()
                     compile_layers(model, compile_backend)
                     try:
@@ -399,7 +404,9 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=N
                         model.eval()
                         continue
                     row["compile_s"] = time.perf_counter() - t0
-                    row["note"] = f"decoder layers torch.compile'd, backend={compile_backend}"
+                    # one graph (forward; its backward is compiled with it) should serve every layer
+                    row["note"] = (f"decoder layers torch.compile'd, backend={compile_backend}, "
+                                   f"{counters['stats']['unique_graphs'] - graphs0} graph(s) compiled")
                     row["check"] = f"compiled loss rel err {err:.1e} vs eager; {check}"
                     if not math.isfinite(err) or err > TOL[dtype]:
                         row["correct"] = False
@@ -413,7 +420,7 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=N
                 row["device_ms"], row["device_ms_source"] = device_time_ms(step, device, 3)
                 row["peak_mem_bytes"] = peak_memory_bytes(step, device)
                 if job == "train":
-                    row["saved_bytes"] = saved_for_backward_bytes(lambda: model(input_ids=ids, labels=ids).loss)
+                    row["saved_bytes"] = saved_for_backward_bytes(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
                 if job == "train-compiled":
                     uncompile_layers(model)
                 restore()
@@ -425,7 +432,8 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=N
                 if not ok:
                     continue
                 if job == "decode":
-                    times = [decode_eager(model, prompt, s["new_tokens"])[1] for _ in range(decode_reps + 1)][1:]
+                    decode_eager(model, prompt, min(8, s["new_tokens"]))  # warm-up
+                    times = [t for _ in range(decode_reps) for t in decode_eager(model, prompt, s["new_tokens"])[1]]
                 else:
                     if device.type != "cuda":
                         # No graphs here, but the step they would capture runs uncaptured: its
