@@ -166,6 +166,7 @@ else
     "${PYTEST[@]}" -x "${RACE[@]}"
 fi
 
+unset UNILORA_TRITON_AUTOTUNE  # the benchmarks run the package's defaults
 if [ "$DRY" = 1 ]; then
   LAYER=(--tiny --quick --cpu --no-host --no-model --min-time 0.01 --no-memory)
   MODEL=(--tiny --cpu)
