@@ -341,6 +341,8 @@ def run_model_bench(device, dtype, quick: bool, tiny: bool, bar=None, selected=N
         problems = [f"{what} not finite" for what, t in
                     [("loss", loss), ("theta grad", grad), *[(f"logits b={B}", v) for B, v in mine["logits"].items()]]
                     if t is not None and not torch.isfinite(t).all()]
+        problems += [f"logits b={B} shaped {tuple(v.shape)}" for B, v in mine["logits"].items()
+                     if tuple(v.shape) != (B, 1, s["vocab"])]
         other = refs.get(partner.get(name, ""))
         detail = []
         if other is not None:
@@ -539,6 +541,9 @@ def main(argv=None) -> int:
         sizes["decode_batches"] = tuple(int(v) for v in args.decode_batches.split(",") if v)
     os.makedirs(args.out, exist_ok=True)
     env = environment(device)
+    import transformers
+
+    env["transformers"] = transformers.__version__  # its cache and mask APIs moved between 5.x releases
     t0 = time.perf_counter()
     rows = run_model_bench(device, dtype, args.quick, args.tiny, jobs=jobs, sizes=sizes,
                            compile_backend=args.compile_backend, candidates=args.candidates)
