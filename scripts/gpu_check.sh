@@ -40,6 +40,14 @@ if [ "$DRY" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
 fi
 
+unselected() {  # unselected NAME: true (and said in steps.txt) when GPU_CHECK_STEPS leaves NAME out
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$1,"* ]]; then
+    echo "step $1: skipped: not in GPU_CHECK_STEPS" >>"$OUT/steps.txt"
+    return 0
+  fi
+  return 1
+}
+
 # step NAME BUDGET LOG CMD...: run CMD with a timeout of min(BUDGET, what is left), append its
 # output to $OUT/LOG, and write one status line to steps.txt.
 step() {
@@ -47,10 +55,7 @@ step() {
   shift 3
   local var="B_${name//-/_}"
   budget="${!var:-$budget}"
-  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
-    echo "step $name: skipped: not in GPU_CHECK_STEPS" >>"$OUT/steps.txt"
-    return 0
-  fi
+  unselected "$name" && return 0
   local left=$(( TOTAL - ($(date +%s) - t0) - 10 ))  # 10 s kept for packing the results
   if [ "$left" -lt "$budget" ]; then budget=$left; fi
   if [ "$budget" -lt 5 ]; then
@@ -151,11 +156,15 @@ read -r -a RACE <<<"$RACECHECK_TESTS"
 if [ "$DRY" = 1 ]; then
   # Not run, but the node ids must exist: a renamed test fails here, not on the GPU.
   for tool in memcheck racecheck; do
+    unselected "$tool" && continue
     if [ "$tool" = memcheck ]; then ids=("${MEM[@]}"); else ids=("${RACE[@]}"); fi
-    if "$PY" -P -m pytest --collect-only -q -p no:cacheprovider "${ids[@]}" >>"$OUT/sanitizer.log" 2>&1; then
+    found=$("$PY" -P -m pytest -m gpu --collect-only -q -p no:cacheprovider "${ids[@]}" 2>&1)
+    echo "$found" >>"$OUT/sanitizer.log"
+    # each id collected, and gpu-marked (a deselected one would not run under -m gpu)
+    if [ "$(echo "$found" | grep -oE '^[0-9]+ tests? collected' | grep -oE '^[0-9]+')" = "${#ids[@]}" ]; then
       skip "$tool" "dry run (would run: compute-sanitizer --tool $tool over ${ids[*]}: they collect)" sanitizer.log
     else
-      echo "step $tool: FAILED: its tests do not collect: ${ids[*]}" >>"$OUT/steps.txt"
+      echo "step $tool: FAILED: not every one of its tests collects as a gpu test: ${ids[*]}" >>"$OUT/steps.txt"
       FAILED+=("$tool")
     fi
   done

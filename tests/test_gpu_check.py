@@ -56,12 +56,15 @@ def test_dry_run_runs_every_step_and_writes_the_files(tmp_path):
 
 def test_a_failing_step_fails_the_run_and_the_next_steps_still_run(tmp_path):
     out = tmp_path / "out"
-    # layer-bench gets an option run.py refuses; model-compiled a budget it cannot finish in
-    res, status, lines = dry_run(out, GPU_CHECK_STEPS="layer-bench,model-compiled", BENCH_ARGS="--no-such-option",
+    # racecheck names a test that does not exist; layer-bench gets an option run.py refuses;
+    # model-compiled a budget it cannot finish in
+    res, status, lines = dry_run(out, GPU_CHECK_STEPS="racecheck,layer-bench,model-compiled",
+                                 RACECHECK_TESTS="tests/test_extension_cuda.py::test_renamed", BENCH_ARGS="--no-such-option",
                                  B_model_compiled="6")
     assert res.returncode != 0
+    assert status["racecheck"].startswith("FAILED: not every one of its tests collects"), status
     assert status["layer-bench"].startswith("FAILED: exit code 2"), status
     assert status["model-compiled"].startswith("FAILED: timed out after 6s"), status
     assert status["model-bench"] == "skipped: not in GPU_CHECK_STEPS"
-    assert lines[-1].startswith("result: FAILED (layer-bench model-compiled;"), lines
+    assert lines[-1].startswith("result: FAILED (racecheck layer-bench model-compiled;"), lines
     assert {p.name for p in out.iterdir()} == FILES  # the files are written all the same
