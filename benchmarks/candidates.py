@@ -1,7 +1,7 @@
 """What a benchmark candidate is, which ones exist, and which ones a run times (``--candidates``).
 
-The layer benchmark times every name below; the model benchmark times the PEFT and Uni-LoRA
-ones (a whole model has no "base" or "naive" counterpart). A candidate that serves as the
+The layer benchmark times every name below; the model benchmark times the base, the PEFT ones
+and this package with backend auto (model_bench.CANDIDATES). A candidate that serves as the
 correctness reference (the naive projection for layers, PEFT's Uni-LoRA for the model) is built
 even when it is not timed, so a filtered run still checks every result it times.
 """
@@ -67,9 +67,14 @@ def layer_candidate_names(device: torch.device) -> list:
     return ["base", "naive", *peft, *(unilora_name(b) for b in benchmark_backends(device))]
 
 
-def model_candidate_names(device: torch.device) -> list:
-    peft = list(MODEL_REFERENCE_POINTS) if peft_installed() else []
-    return [*peft, *(unilora_name(b) for b in benchmark_backends(device))]
+def model_candidate_names(device: torch.device, selected: Optional[set] = None) -> list:
+    """The model benchmark's candidates (model_bench.CANDIDATES) that run here and that
+    ``selected`` (layer names) asks for: any unilora[...] name selects this package's auto one."""
+    names = ["base", *(MODEL_REFERENCE_POINTS[::-1] if peft_installed() else ()), unilora_name("auto")]
+    if selected is None:
+        return names
+    wants_ours = any(n.startswith("unilora[") for n in selected)
+    return [n for n in names if n in selected or (n == unilora_name("auto") and wants_ours)]
 
 
 def select(requested: Optional[Iterable[str]], device: torch.device) -> Optional[set]:

@@ -180,6 +180,35 @@ def time_interleaved(fns: dict, quick: bool, min_time: Optional[float] = None) -
     return out
 
 
+# Why a CPU row has no device_ms (written in the row's device_ms_source cell).
+NO_DEVICE_TIME_ON_CPU = "none on cpu: no device clock apart from the host's (median_ms is the time)"
+
+
+def device_time_ms(fn: Callable[[], object], device: torch.device, calls: int = 20) -> tuple:
+    """(device ms per call, how it was measured): the sum of the GPU activities' durations
+    (kernels, memcpy, memset; not the user-annotation ranges) that the profiler records over
+    ``calls`` calls, divided by ``calls``. Launch gaps and host time are left out, so it is the
+    number to hold against the byte/flop floor; overlapping streams would count twice (these
+    benchmarks use one). The profiler and not graph replay: it times any callable, training
+    steps and autotuned kernels included, without capturing it. On CPU: (None, the reason)."""
+    if device.type != "cuda":
+        return None, NO_DEVICE_TIME_ON_CPU
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up outside the profile: compilation, autotuning, allocator
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    spans = [e.time_range.elapsed_us() for e in prof.events()
+             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    if not spans:  # the profiler saw no GPU activity (e.g. CUPTI unavailable): no number
+        return None, "none: the profiler recorded no GPU activity"
+    return sum(spans) / calls / 1e3, f"profiler: GPU activity summed over {calls} calls"
+
+
 # ------------------------------------------------------------------ memory -------------------
 def saved_for_backward_bytes(fn: Callable[[], torch.Tensor]) -> int:
     """Bytes of distinct storages autograd saves while ``fn`` runs its forward."""

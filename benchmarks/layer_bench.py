@@ -17,8 +17,8 @@ import unilora_kernels as uk
 from unilora_kernels import projection as P
 
 from candidates import Candidate, benchmark_backends, is_selected, unilora_name
-from common import (largest_allocation_bytes, paired_ratio, peak_memory_bytes, saved_for_backward_bytes, time_fn,
-                    time_interleaved)
+from common import (device_time_ms, largest_allocation_bytes, paired_ratio, peak_memory_bytes,
+                    saved_for_backward_bytes, time_fn, time_interleaved)
 from naive import NaiveUniLoRALinear
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -156,6 +156,7 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
                 fn = fns[c.name]
                 t = cpu_times[c.name] if cpu_times else time_fn(fn, device, quick)
                 row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
+                row["device_ms"], row["device_ms_source"] = device_time_ms(fn, device, 5 if quick else 20)
                 timings[c.name] = t
                 if measure_memory and mode == "training":
                     row["saved_bytes"] = saved_for_backward_bytes(lambda: c.module(x.detach().requires_grad_(True)))

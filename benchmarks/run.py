@@ -35,20 +35,15 @@ from candidates import ALL_NAMES, is_selected, layer_candidate_names, model_cand
 from common import device_slug, environment, keep_freed_memory, progress, write_csv  # noqa: E402
 from host_bench import HOST_COLUMNS, print_host_table, run_host_bench, summary_lines  # noqa: E402
 from layer_bench import build_candidates, run_config  # noqa: E402
-from model_bench import run_model_bench  # noqa: E402
+from model_bench import MODEL_COLUMNS, print_rows, run_model_bench, summary_lines as model_summary_lines  # noqa: E402
 
 FULL_SHAPES = [(1024, 1024), (4096, 4096), (4096, 11008)]  # RoBERTa-large q/v; Llama-2-7B attn, MLP
 FULL_DS = [23_040, 524_288]  # the paper's d
 FULL_MS = [1, 16, 256, 2048, 8192]
 LAYER_COLUMNS = [
     "device", "dtype", "mode", "in_features", "out_features", "r", "d", "M", "candidate", "backend", "kind",
-    "correct", "check", "median_ms", "p20_ms", "p80_ms", "naive_ref", "ratio_to_naive", "ratio_to_base",
+    "correct", "check", "median_ms", "p20_ms", "p80_ms", "device_ms", "device_ms_source", "naive_ref", "ratio_to_naive", "ratio_to_base",
     "index_bytes_per_elem", "saved_bytes", "largest_alloc_bytes", "peak_mem_bytes",
-]
-MODEL_COLUMNS = [
-    "device", "dtype", "candidate", "backend", "correct", "check", "tokens", "hidden", "layers", "r", "d",
-    "trainable", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "speedup_vs_peft_unilora", "saved_bytes",
-    "largest_alloc_bytes", "peak_mem_bytes",
 ]
 # Options that make a run cover less than the full plan; such a run is "partial".
 PARTIAL_OPTIONS = ("quick", "tiny", "candidates", "shapes", "ds", "ms", "modes", "no_model", "no_host")
@@ -265,6 +260,8 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv,
         "",
         "Times are medians (torch.utils.benchmark on CPU, triton.testing.do_bench on GPU) after warm-up;",
         "every candidate was checked against the naive projection (PEFT's layer when installed) at the timed size first.",
+        "layer.csv's `device_ms`: GPU time per call from the profiler (kernels, memcpy and memset summed: no launch",
+        "gaps, no host time); empty on CPU, which has no device clock apart from the host's (`device_ms_source` says so).",
         "",
         "## Layer",
         "",
@@ -281,20 +278,7 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv,
             lines.append(f"| {r['candidate']} | {r['mode']} | {r['in_features']}x{r['out_features']} | {r['d']:,} | "
                          f"{r['M']} | {fmt_ms(r['median_ms'])} | {r['ratio_to_base']:.2f}x |")
         lines.append("")
-    if model_rows:
-        lines += ["## Model (training step)", "",
-                  "| candidate | tokens | median ms | tokens/s | speed-up vs peft-unilora | saved for backward (MiB) | peak GPU MiB |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in model_rows:
-            if "median_ms" not in r:
-                lines.append(f"| {r['candidate']} | {r['tokens']} | WRONG: {r['check']} | | | | |")
-                continue
-            peak = r.get("peak_mem_bytes")
-            lines.append(
-                f"| {r['candidate']} | {r['tokens']} | {fmt_ms(r['median_ms'])} | {r['tokens_per_s']:.0f} | "
-                f"{r.get('speedup_vs_peft_unilora', float('nan')):.2f}x | {r['saved_bytes'] / 2**20:.1f} | "
-                f"{'-' if peak is None else f'{peak / 2**20:.0f}'} |")
-        lines.append("")
+    lines += model_summary_lines(model_rows)
     lines += summary_lines(host_rows)
     if skipped:
         lines += ["## Skipped", "", *[f"- {s}" for s in skipped], ""]
@@ -332,7 +316,7 @@ def main(argv=None) -> int:
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | peft {env['peft']} | "
           f"threads {env['threads']} | dtype {str(dtype).replace('torch.', '')} | malloc: {env['malloc']}")
     layer_names = [n for n in layer_candidate_names(device) if is_selected(n, selected)]
-    model_names = [] if args.no_model else [n for n in model_candidate_names(device) if is_selected(n, selected)]
+    model_names = [] if args.no_model else model_candidate_names(device, selected)
     print(f"candidates timed: {', '.join(layer_names)}")
     if selected is not None:
         unmeasured = [what for what, there in (("x base", "base" in selected),
@@ -352,7 +336,7 @@ def main(argv=None) -> int:
     for s in skipped:
         print(f"skipped: {s}")
     n_cands = len(layer_names)
-    total = len(configs) * len(modes) * n_cands + len(model_names)
+    total = len(configs) * len(modes) * n_cands + 6 * len(model_names)  # 6 model rows each: 2 train, 2x2 decode
     bar = progress(total, "benchmarks")
     rows = []
     t0 = time.perf_counter()
@@ -393,9 +377,7 @@ def main(argv=None) -> int:
     write_summary(out_dir, env, rows, model_rows, skipped, files, started, run_argv, host_rows)
     print_table(rows)
     print_host_table(host_rows)
-    for r in model_rows:
-        tps = f"{r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else "WRONG: not timed"
-        print(f"model {r['candidate']:>20}: {fmt_ms(r.get('median_ms'))} ms/step, {tps} ({r['check']})")
+    print_rows(model_rows)
     wrong = [r for r in rows + model_rows + host_rows if not r["correct"]]
     print(f"\n{len(rows)} layer rows, {len(model_rows)} model rows, {len(host_rows)} host rows in "
           f"{time.perf_counter() - t0:.0f}s; "

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 EXPECTED_LAYER_COLUMNS = {
     "device", "dtype", "mode", "in_features", "out_features", "r", "d", "M", "candidate", "backend", "correct",
-    "median_ms", "p20_ms", "p80_ms", "ratio_to_naive", "ratio_to_base", "index_bytes_per_elem", "saved_bytes",
+    "median_ms", "p20_ms", "p80_ms", "device_ms", "device_ms_source", "ratio_to_naive", "ratio_to_base", "index_bytes_per_elem", "saved_bytes",
     "largest_alloc_bytes", "peak_mem_bytes",
 }
 
@@ -38,12 +38,16 @@ def test_quick_run_on_tiny_sizes(tmp_path):
         # correctness was checked first, and only correct results were timed
         assert r["correct"] == "True", r
         assert float(r["median_ms"]) > 0
+        # CPU: no device clock apart from the host's, so no device_ms, and the row says why
+        assert r["device_ms"] == "" and r["device_ms_source"].startswith("none on cpu"), r
         if r["candidate"].startswith("unilora") or r["candidate"] in ("naive", "peft-unilora"):
             assert "rel err" in r["check"]
     training = [r for r in rows if r["mode"] == "training"]
     assert all(int(r["saved_bytes"]) > 0 and int(r["largest_alloc_bytes"]) > 0 for r in training)
     model = list(csv.DictReader(open(tmp_path / "model.csv")))
     assert any(r["candidate"].startswith("unilora") and float(r["tokens_per_s"]) > 0 for r in model)
+    assert {r["mode"] for r in model} == {"train-eager", "train-compiled", "decode-eager", "decode-cudagraph"}
+    assert all(r["hidden"] == "32" and r["layers"] == "2" for r in model)
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["malloc"].startswith("glibc" if _glibc() else "system default"), env["malloc"]
     assert f"malloc: {env['malloc']}" in (tmp_path / "summary.md").read_text()
@@ -139,11 +143,13 @@ def test_candidates_filter_times_only_those_and_still_checks_them(tmp_path):
     assert all("rel err" in r["check"] and r["correct"] == "True" for r in layer if r["candidate"] == backend)
     assert all(r["ratio_to_base"] and not r["ratio_to_naive"] for r in layer)
     model = list(csv.DictReader(open(tmp_path / "model.csv")))
-    assert [r["candidate"] for r in model] == [backend]
+    # the model benchmark runs this package with backend auto for any unilora[...] name
+    assert {r["candidate"] for r in model} == {"base", "unilora[auto]"}
     from candidates import peft_installed
 
     if peft_installed():
-        assert "vs peft-unilora" in model[0]["check"], model[0]
+        ours = [r for r in model if r["candidate"] == "unilora[auto]"]
+        assert all("vs peft-unilora" in r["check"] for r in ours), ours
 
 
 def test_without_matplotlib_the_run_writes_csv_and_summary_and_says_how_to_plot(tmp_path, monkeypatch, capsys):
@@ -179,3 +185,11 @@ def test_a_partial_run_never_replaces_a_full_runs_results(tmp_path, monkeypatch,
     cpu = torch.device("cpu")
     assert run.output_dir(run.parse_args(["--cpu", "--threads", "2"]), cpu) == str(full)
     assert run.output_dir(run.parse_args(["--quick"]), cpu) == str(full / "partial")
+
+
+def test_device_time_is_empty_on_cpu_with_the_reason():
+    from common import NO_DEVICE_TIME_ON_CPU, device_time_ms
+
+    calls = []
+    assert device_time_ms(lambda: calls.append(1), torch.device("cpu")) == (None, NO_DEVICE_TIME_ON_CPU)
+    assert not calls  # nothing is run for a number it cannot give

@@ -65,6 +65,16 @@ def _bench_run():
     return module
 
 
+def _model_bench():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its siblings
+    spec = importlib.util.spec_from_file_location("model_bench_for_docs", ROOT / "benchmarks" / "model_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("doc", DOCS)
 def test_benchmark_commands_in_a_doc_take_those_options(doc):
     run = _bench_run()
@@ -79,6 +89,11 @@ def test_benchmark_commands_in_a_doc_take_those_options(doc):
                     run.parse_args(args)
                 except SystemExit as e:
                     assert e.code == 0, f"{doc}: `{span}` does not parse"  # --help exits 0
+            if w == "benchmarks/model_bench.py" and i > 0 and words[i - 1] == "python":
+                try:
+                    _model_bench().parse_args(words[i + 1:])
+                except SystemExit as e:
+                    assert e.code == 0, f"{doc}: `{span}` does not parse"
     assert doc != "README.md" or commands >= 3
 
 
