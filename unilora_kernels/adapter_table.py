@@ -210,11 +210,13 @@ def _watch_optimizer_steps() -> None:
 
 def batch_table(bank, state, theta: torch.Tensor) -> torch.Tensor:
     """The ``(U, d)`` table a mixed batch (``batch_state.BatchState``) reads beside ``theta``: row
-    k - 1 is ``state.adapters[k - 1]``'s parameter (``state.params``). With grad on it is a ``torch.stack`` of them, so autograd hands each row's gradient to
-    its own parameter and none to the adapters absent from the batch. With grad off (serving) the
-    stack is kept per batch of adapters and rebuilt in place (its version bumped, so decode columns
-    built from it are dropped too) once a parameter's version changes or any optimizer steps;
-    ``model.to()`` empties it (``UniLoRALinear._apply``); writes through ``.data`` are not seen."""
+    k - 1 is ``state.adapters[k - 1]``'s parameter (``state.params``). With grad on it is a
+    ``torch.stack`` of them, so autograd hands each row's gradient to its own parameter and none to
+    the adapters absent from the batch. With grad off (serving) the stack is kept per set of adapters
+    (``bank.stack_cache``; the batch keeps its entry, so later layer calls skip the lookup) and
+    rebuilt in place (its version bumped, so decode columns built from it are dropped too) once a
+    parameter's version changes or any optimizer steps; ``model.to()`` drops it (``drop_stacks``);
+    writes through ``.data`` are not seen."""
     table, adapters, params = bank.adapters, state.adapters, state.params
     if torch.compiler.is_compiling():
         return _compiled_table(bank, state, theta)
@@ -222,26 +224,39 @@ def batch_table(bank, state, theta: torch.Tensor) -> torch.Tensor:
         return theta.new_zeros((0, bank.d), dtype=torch.float32 if table is None else table.dtype)
     if torch.is_grad_enabled():
         return torch.stack(params)
-    if any(p.is_inference() for p in params):  # no version counter to key a cache on
+    try:
+        key = (_STEPS[0], [p._version for p in params])
+    except RuntimeError:  # an inference tensor: no version counter to key a cache on
         return torch.stack(params)
+    entry = state.stack
+    if entry is None:
+        where = (adapters, table.generation)
+        entry = bank.stack_cache.get(where)
+        if entry is None:
+            if len(bank.stack_cache) >= _STACK_CACHE_SIZE:
+                bank.stack_cache.clear()  # batches holding an entry keep it (still checked per call)
+            entry = bank.stack_cache[where] = [None, None]  # [key, stack]
+        state.stack = entry
+    if entry[0] == key:
+        return entry[1]
     if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return torch.stack(params)  # a CUDA graph replays this stack, so it reads the parameters as they are then
-    key = (_STEPS[0], tuple([p._version for p in params]))
-    where = (adapters, table.generation)
-    hit = bank.stack_cache.get(where)
-    if hit is not None and hit[0] == key:
-        return hit[1]
     with torch.inference_mode(False), torch.no_grad():  # the copy outlives this call: no inference tensor
         fresh = torch.stack(params)
-        old = None if hit is None else hit[1]
+        old = entry[1]
         if old is not None and old.shape == fresh.shape and old.dtype == fresh.dtype and old.device == fresh.device:
             old.copy_(fresh)  # in place: its version moves, so whatever was keyed on it is stale
             fresh = old
     _watch_optimizer_steps()
-    if hit is None and len(bank.stack_cache) >= _STACK_CACHE_SIZE:
-        bank.stack_cache.clear()
-    bank.stack_cache[where] = ((_STEPS[0], key[1]), fresh)
+    entry[0], entry[1] = key, fresh
     return fresh
+
+
+def drop_stacks(bank) -> None:
+    """Forget every kept stack (``model.to()`` changes the parameters' data without a version bump)."""
+    for entry in bank.stack_cache.values():
+        entry[0] = entry[1] = None
+    bank.stack_cache.clear()
 
 
 def compile_rows(bank, params: tuple) -> tuple:

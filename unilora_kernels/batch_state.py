@@ -33,7 +33,7 @@ class BatchState:
     """One ``adapter_batch``: its names, their ids, the distinct added adapters they name (id k is
     ``adapters[k - 1]``) and their parameters, and the ids of batches that are a multiple of it."""
 
-    __slots__ = ("bank", "names", "ids", "adapters", "params", "compile_rows", "_by_rows")
+    __slots__ = ("bank", "names", "ids", "adapters", "params", "compile_rows", "stack", "_by_rows")
 
     def __init__(self, bank, names: tuple, ids: torch.Tensor):
         self.bank = bank
@@ -44,6 +44,7 @@ class BatchState:
         # resolved here, in eager code: a compiled forward then reads tensors, not the names -> slots map
         self.params = tuple([table.param(n) for n in self.adapters]) if self.adapters else ()
         self.compile_rows = compile_rows(bank, self.params)
+        self.stack = None  # its entry of bank.stack_cache, once looked up (adapter_table.batch_table)
         self._by_rows = {len(names): ids}
 
     def ids_for(self, rows: int) -> Optional[torch.Tensor]:

@@ -162,7 +162,7 @@ class UniLoRALinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_plans()  # .to() / .half() / .cuda(): indices and scales move, dtypes change
-        self.bank.stack_cache.clear()  # and the adapters: their stacked copies (adapter_table.batch_table)
+        adapter_table.drop_stacks(self.bank)  # and the adapters: their stacked copies are stale
         return super()._apply(fn, *args, **kwargs)
 
     def _build_plan(self, key: tuple, x: torch.Tensor) -> Optional[LayerPlan]:
