@@ -27,6 +27,11 @@ Candidates, on the same inputs, timed side by side:
   (``unilora_kernels.export_lora``), run with PEFT's mixed batch ``model(..., adapter_names=names)``;
 * ``shared``: the whole batch with the model's own adapter, no adapter_batch: the floor.
 
+``--train-registry 8,1024``: a training step (forward, backward, AdamW over every trainable
+parameter) of one 8-sequence batch on adapters a0..a7, with 8 and with 1,024 adapters registered
+(the same batch and adapters; gradients compared first; medians of interleaved rounds): the
+step's cost must follow the batch, not the registry (rows of workload ``train``).
+
 Every candidate's logits are compared before anything is timed (mixed against loop, PEFT
 against mixed, shared against an adapter_batch of "default" everywhere); a wrong candidate is
 recorded and not timed, and the run exits 1. Writes multi_adapter.csv, multi_adapter.md and
@@ -131,6 +136,9 @@ def parse_args(argv=None):
     p.add_argument("--peft-build-budget", type=float, default=None,
                    help="seconds: stop adding adapters to the PEFT model when the projected total build time "
                         "passes this (default 300, 60 with --quick); the PEFT candidate is then skipped, with the reason")
+    p.add_argument("--train-registry", default=None,
+                   help="also time a training step of one batch with these many adapters registered, e.g. 8,1024")
+    p.add_argument("--train-batch", type=int, default=8, help="sequences of the --train-registry batch (default 8)")
     p.add_argument("--system-malloc", action="store_true", help="CPU: keep glibc's default malloc settings")
     return p.parse_args(argv)
 
@@ -558,6 +566,81 @@ def run_setup(setup: Setup, device, dtype, args, selected, max_call_s, peft_reas
     return list(rows.values())
 
 
+# ------------------------------------------------------------------ training -----------------
+def train_registry_rows(base, s: dict, registries: list, B: int, device, args) -> list:
+    """A training step of one B-sequence batch (adapters a0..a{U-1}, U = min(B, smallest registry))
+    with each registry size registered; timed interleaved, each row's note its ratio to the smallest."""
+    names = [adapter_name(i % min(B, min(registries))) for i in range(B)]
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, s["vocab"], (B, s["T"]), generator=g).to(device)
+    cfg = uk.UniLoRAConfig(r=s["r"], theta_d_length=s["d"], target_modules="all-linear", backend=args.backend)
+    models = {}
+    for n in registries:
+        model = uk.inject(copy.deepcopy(base), cfg).train()
+        with torch.no_grad():
+            model.unilora_theta_d.copy_(random_theta(model, -1))
+        ensure_adapters(model, n)
+        # every trainable parameter, as a Trainer builds it (this package's adapters or an older table alike)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        models[n] = (model, opt)
+
+    def loss_of(model):
+        with uk.adapter_batch(model, names):
+            return model(input_ids=ids, labels=ids).loss
+
+    grads = {}
+    for n, (model, _) in models.items():  # the same gradients whatever the registry
+        model.zero_grad(set_to_none=True)
+        loss_of(model).backward()
+        grads[n] = torch.cat([_adapter_grad(model, a).reshape(-1) for a in dict.fromkeys(names)])
+        model.zero_grad(set_to_none=True)
+    small = min(registries)
+    errs = {n: rel_err(g_, grads[small]) for n, g_ in grads.items()}
+
+    def step(model, opt):
+        def call():
+            opt.zero_grad()
+            loss_of(model).backward()
+            opt.step()
+        return call
+
+    timings = time_interleaved({n: step(*models[n]) for n in registries}, args.quick, args.min_time)
+    rows = []
+    for n in registries:
+        t = timings[n]
+        ratio = paired_ratio(t, timings[small])
+        rows.append(dict(workload="train", N=n, B=B, T=s["T"], adapters_in_batch=len(set(names)), candidate="mixed",
+                         correct=errs[n] <= TOL[torch.float32], check=f"rel err {errs[n]:.1e} of the batch's "
+                         f"adapter gradients vs {small} registered", median_ms=round(t.median_ms, 4),
+                         p20_ms=round(t.p20_ms, 4), p80_ms=round(t.p80_ms, 4), runs=t.runs,
+                         tokens_per_s=round(B * s["T"] / (t.median_ms / 1e3), 1),
+                         note=f"{ratio:.3f}x the step with {small} registered (median of per-round ratios)"))
+    return rows
+
+
+def _adapter_grad(model, name):
+    theta = uk.adapter_theta(model, name)
+    if theta.grad is not None or theta.is_leaf:
+        return theta.grad
+    # before each adapter was its own parameter: a row of one table (to time older builds the same way)
+    from unilora_kernels.model import find_bank
+
+    return model.unilora_adapter_table.grad[find_bank(model).adapters.rows[name]]
+
+
+def train_lines(rows) -> list:
+    rs = [r for r in rows if r["workload"] == "train"]
+    if not rs:
+        return []
+    lines = [f"### train (forward + backward + AdamW, {rs[0]['B']} sequences of {rs[0]['T']} tokens on "
+             f"{rs[0]['adapters_in_batch']} adapters): median ms by adapters registered", "",
+             "| registered | median ms | p20 | p80 | vs the smallest registry | check |", "|---|---|---|---|---|---|"]
+    for r in rs:
+        lines.append(f"| {r['N']} | {fmt_ms(r['median_ms'])} | {fmt_ms(r['p20_ms'])} | {fmt_ms(r['p80_ms'])} | "
+                     f"{r['note'].split(' ')[0]} | {'ok' if r['correct'] else 'WRONG'}, {r['check']} |")
+    return lines + [""]
+
+
 # ------------------------------------------------------------------ memory -----------------
 def memory_line(model, s: dict, dtype, device, tiny: bool) -> dict:
     """``adapter_memory`` of a real table after registering 1,024 adapters of d = 23,040 (the bench
@@ -596,7 +679,7 @@ def cell(r) -> str:
 
 def table_lines(rows) -> list:
     lines = []
-    for wl in dict.fromkeys(r["workload"] for r in rows):
+    for wl in dict.fromkeys(r["workload"] for r in rows if r["workload"] != "train"):
         rs = [r for r in rows if r["workload"] == wl]
         t = rs[0]["T"]
         what = f"1 new token on a {t}-token KV cache" if wl == "decode" else f"{t} tokens per sequence"
@@ -650,6 +733,7 @@ def write_summary(path, env, s, rows, memory, skipped, started, argv, backend, n
         "adapter_batch of 'default' everywhere); a wrong one is marked and not timed.",
         "",
         *table_lines(rows),
+        *train_lines(rows),
     ]
     if memory:
         lines += ["## Adapter memory", "",
@@ -765,6 +849,13 @@ def main(argv=None) -> int:
                 gc.collect()
         if use_cuda:
             torch.cuda.empty_cache()
+    if args.train_registry:
+        t1 = time.perf_counter()
+        rows += train_registry_rows(base, s, sorted(set(_ints(args.train_registry))), args.train_batch, device, args)
+        for r in (r for r in rows if r["workload"] == "train"):
+            print(f"  train N={r['N']:<5} B={r['B']} {fmt_ms(r['median_ms'])} ms per step, {r['note']}; {r['check']}")
+        print(f"  ({time.perf_counter() - t1:.1f} s)", flush=True)
+        write_csv(os.path.join(out_dir, "multi_adapter.csv"), rows)
     # the cost of entering and leaving adapter_batch, which every timed mixed call includes
     names = [adapter_name(i % max(n for n, _ in pairs)) for i in range(max(b for _, b in pairs))]
     t0 = time.perf_counter()
@@ -787,7 +878,7 @@ def main(argv=None) -> int:
     write_summary(os.path.join(out_dir, "multi_adapter.md"), env, s, rows, memory, skipped, started, run_argv,
                   f"{args.backend} -> {backend}", notes)
     print()
-    print("\n".join(table_lines(rows)))
+    print("\n".join(table_lines(rows) + train_lines(rows)))
     print("\n".join([*notes, memory_text]))
     wrong = [r for r in rows if r["correct"] is False]
     print(f"\n{len(rows)} rows in {time.perf_counter() - t_start:.0f}s; results in {out_dir}")

@@ -13,7 +13,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
 
+#include <array>
 #include <atomic>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -244,6 +249,108 @@ TransposedB transposed_b(const ElementMap& em, const Projection& pj) {
   return tb;
 }
 
+// ---- the maps of a layer, built once ---------------------------------------------------------
+// The element, sorted and transposed maps depend only on the layer's projection (its index and
+// scale tensors, shapes and hash parameters), so they are kept per projection and reused while
+// those tensors keep their storage and version. The sorted and transposed maps are built on
+// first need. Bounded by bytes (least recently used first out).
+struct LayerMaps {
+  ElementMap em;
+  std::once_flag sm_once, tb_once;
+  SortedMap sm;
+  TransposedB tb;
+
+  const SortedMap& sorted(const Projection& pj) {
+    std::call_once(sm_once, [&] { sm = sorted_map(em, pj); });
+    return sm;
+  }
+  const TransposedB& transposed(const Projection& pj) {
+    std::call_once(tb_once, [&] { tb = transposed_b(em, pj); });
+    return tb;
+  }
+};
+
+constexpr size_t kMapKeyLen = 3 * 4 + 14;
+using MapKey = std::array<int64_t, kMapKeyLen>;
+constexpr int64_t kMapCacheBytes = int64_t(256) << 20;
+
+struct MapEntry {
+  std::shared_ptr<LayerMaps> maps;
+  // Weak references keep the storages' addresses (in the key) from being reused while the entry lives.
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
+  int64_t bytes;
+  std::list<MapKey>::iterator lru;
+};
+
+std::mutex g_map_mutex;
+std::map<MapKey, MapEntry> g_maps;
+std::list<MapKey> g_map_lru;  // most recently used first
+int64_t g_map_bytes = 0;
+std::atomic<int64_t> g_map_builds{0};
+
+std::shared_ptr<LayerMaps> build_maps(const Projection& pj) {
+  g_map_builds.fetch_add(1, std::memory_order_relaxed);
+  auto maps = std::make_shared<LayerMaps>();
+  maps->em = element_map(pj);
+  return maps;
+}
+
+// This projection's maps: cached, or built (and cached unless a tensor has no version counter).
+std::shared_ptr<LayerMaps> layer_maps(const Projection& pj) {
+  MapKey key{};
+  size_t i = 0;
+  bool cacheable = true;
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
+  for (const at::Tensor* t : {&pj.scales, &pj.idx_a, &pj.idx_b}) {
+    if (!t->defined()) {
+      i += 4;
+      continue;
+    }
+    if (t->is_inference()) {  // no version counter: a write could not be seen
+      cacheable = false;
+      break;
+    }
+    const c10::Storage& st = t->storage();
+    key[i++] = static_cast<int64_t>(reinterpret_cast<intptr_t>(st.unsafeGetStorageImpl()));
+    key[i++] = static_cast<int64_t>(reinterpret_cast<intptr_t>(t->data_ptr()));
+    key[i++] = t->numel();
+    key[i++] = t->_version();
+    storages.push_back(st.getWeakStorageImpl());
+  }
+  if (!cacheable) return build_maps(pj);
+  i = 12;
+  for (int64_t v : {pj.r, pj.in_f, pj.out_f, pj.d, int64_t(pj.is_hashed), pj.offset, pj.hash.D, pj.hash.d,
+                    pj.hash.rem, int64_t(pj.hash.half), int64_t(pj.hash.keys[0]), int64_t(pj.hash.keys[1]),
+                    int64_t(pj.hash.keys[2]), int64_t(pj.hash.keys[3])}) {
+    key[i++] = v;
+  }
+  {
+    std::lock_guard<std::mutex> lock(g_map_mutex);
+    auto it = g_maps.find(key);
+    if (it != g_maps.end()) {
+      g_map_lru.splice(g_map_lru.begin(), g_map_lru, it->second.lru);
+      return it->second.maps;
+    }
+  }
+  std::shared_ptr<LayerMaps> maps = build_maps(pj);  // outside the lock: other layers go on meanwhile
+  const int64_t n = pj.numel();
+  const int64_t bytes = n * int64_t(sizeof(int32_t) + sizeof(float) + sizeof(SortedEntry)) +
+                        pj.r * pj.out_f * int64_t(sizeof(int32_t) + sizeof(float));
+  std::lock_guard<std::mutex> lock(g_map_mutex);
+  auto it = g_maps.find(key);
+  if (it != g_maps.end()) return it->second.maps;  // another thread built it too
+  while (!g_map_lru.empty() && g_map_bytes + bytes > kMapCacheBytes) {
+    auto last = g_maps.find(g_map_lru.back());
+    g_map_bytes -= last->second.bytes;
+    g_maps.erase(last);
+    g_map_lru.pop_back();
+  }
+  g_map_lru.push_front(key);
+  g_maps.emplace(key, MapEntry{maps, std::move(storages), bytes, g_map_lru.begin()});
+  g_map_bytes += bytes;
+  return maps;
+}
+
 #ifdef UNILORA_MIXED_AVX512
 // upd = (xd A^T) B^T for one fp32 row and an fp32 theta, with AVX-512 gathers: 16 elements of A
 // (or of B^T) per instruction where the scalar loops read one. Needs simd::avx512().
@@ -400,6 +507,8 @@ void scatter_adapter(const acc_t* v, const ElementMap& em, const Projection& pj,
 }  // namespace
 }  // namespace cpu
 
+int64_t mixed_map_builds() { return cpu::g_map_builds.load(std::memory_order_relaxed); }
+
 void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,
                        const at::Tensor& seq_adapter, const Projection& pj, const Dropout& dr) {
   using namespace cpu;
@@ -407,7 +516,8 @@ void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
   const int64_t M = x.size(0);
   const std::vector<Piece> pieces = pieces_of(seq_adapter, M, table.size(0), piece_rows_for(M, seq_adapter.numel()));
   if (pieces.empty()) return;
-  const ElementMap em = element_map(pj);
+  const std::shared_ptr<LayerMaps> maps = layer_maps(pj);
+  const ElementMap& em = maps->em;
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), table.scalar_type()});
   // Single-row pieces read A and B through the maps: fp32 sources by AVX-512 gathers (B's map
   // transposed), the others through the sorted map. Each map is built only when some piece
@@ -425,8 +535,10 @@ void mixed_forward_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& th
     const bool f32 = (pc.id == 0 ? theta.scalar_type() : table.scalar_type()) == at::kFloat;
     (can_gather && f32 ? gathers : sorted) = true;
   }
-  const SortedMap sm = sorted ? sorted_map(em, pj) : SortedMap();
-  const TransposedB tb = gathers ? transposed_b(em, pj) : TransposedB();
+  static const SortedMap kNoSorted;
+  static const TransposedB kNoTransposed;
+  const SortedMap& sm = sorted ? maps->sorted(pj) : kNoSorted;
+  const TransposedB& tb = gathers ? maps->transposed(pj) : kNoTransposed;
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t npieces = static_cast<int64_t>(pieces.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unilora_mixed_x", [&] {
@@ -459,7 +571,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
   if (!need_x && !need_theta) return {gx, gtheta, gtable};
   std::vector<Piece> pieces = pieces_of(seq_adapter, M, capacity, piece_rows_for(M, seq_adapter.numel()));
   if (pieces.empty()) return {gx, gtheta, gtable};
-  const ElementMap em = element_map(pj);
+  const std::shared_ptr<LayerMaps> maps = layer_maps(pj);
+  const ElementMap& em = maps->em;
   // Pieces grouped by adapter (stable: row order within an adapter), then split into units:
   // one per adapter, or several per adapter when there are fewer adapters than threads.
   std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.id < b.id; });
@@ -678,10 +791,18 @@ void decode_columns_scalar(const float* xt, const float* cols, float* ot, float*
 }  // namespace
 
 void mixed_decode_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& columns, const Projection& pj) {
-  RECORD_FUNCTION("unilora_cpu::mixed_decode", std::vector<c10::IValue>());
+#ifdef UNILORA_MIXED_AVX512
+  const bool avx512 = simd::avx512();  // the one ISA choice of the cpu backend (UNILORA_CPU_SIMD)
+#else
+  const bool avx512 = false;
+#endif
+  // The kernel in the name, so a profile (and a test) shows which ISA ran.
+  RECORD_FUNCTION(avx512 ? "unilora_cpu::mixed_decode_avx512" : "unilora_cpu::mixed_decode",
+                  std::vector<c10::IValue>());
   const int64_t S = x.size(0), K = pj.in_f, N = pj.out_f, R = pj.r;
   if (S == 0) return;
-  const cpu::ElementMap em = cpu::element_map(pj);
+  const std::shared_ptr<cpu::LayerMaps> maps = cpu::layer_maps(pj);
+  const cpu::ElementMap& em = maps->em;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const bool direct = out.scalar_type() == at::kFloat;  // else through an fp32 (N, S) buffer
   at::Tensor ot = direct ? at::Tensor() : at::empty({N, S}, xf.options());
@@ -689,11 +810,6 @@ void mixed_decode_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& col
   const int64_t block = std::max<int64_t>(16, ((S + threads - 1) / threads + 15) / 16 * 16);
   const float* X = xf.data_ptr<float>();
   const float* C = columns.data_ptr<float>();
-#ifdef UNILORA_MIXED_AVX512
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-#else
-  const bool avx512 = false;
-#endif
   at::parallel_for(0, (S + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> h(static_cast<size_t>(R * 16)), xt(static_cast<size_t>(K * block)),
         ob(static_cast<size_t>(N * block));

@@ -539,6 +539,8 @@ TORCH_LIBRARY(unilora_C, m) {
   // Test ops: the header's index and dropout functions, element-wise over int64 tensors.
   m.def("_hashed_index(Tensor positions, int D, int d, int key) -> Tensor");
   m.def("_philox_randint(Tensor offsets, int seed) -> Tensor");
+  // Test op: how many element maps the cpu mixed ops have built (each layer's is built once and kept).
+  m.def("_mixed_map_builds() -> int", [] { return unilora::mixed_map_builds(); });
 }
 
 TORCH_LIBRARY_IMPL(unilora_C, CPU, m) {

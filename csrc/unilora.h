@@ -74,6 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_backward_cpu(const at::Tens
                                                                   bool deterministic);
 // Decode rows (one per sequence) whose adapters are the columns of `columns` (d, S) fp32.
 void mixed_decode_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& columns, const Projection& pj);
+// How many times the cpu mixed ops built a layer's element map (a cache miss): for tests.
+int64_t mixed_map_builds();
 
 // ---- autograd.cpp: unilora_C::linear_autograd, the output of `linear` with autograd in C++ ----
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,

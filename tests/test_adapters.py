@@ -132,7 +132,7 @@ def test_training_many_adapters_equals_training_each_alone(backend):
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 61), ids[rows, 1:].reshape(-1),
                                                  reduction="sum")
 
-    params = [model.unilora_theta_d, model.unilora_adapter_table]
+    params = uk.adapter_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     for _ in range(3):
         opt.zero_grad()
@@ -190,10 +190,10 @@ def test_compiled_mixed_training_step_matches_eager():
         model.zero_grad(set_to_none=True)
         with uk.adapter_batch(model, ["a1", "default", "a0"]):
             m(input_ids=ids, labels=ids).loss.backward()
-        grads.append((model.unilora_theta_d.grad.clone(), model.unilora_adapter_table.grad.clone()))
+        grads.append([p.grad.clone() for p in uk.adapter_parameters(model)])
     for eager, comp in zip(*grads):
         _close(comp, eager, 1e-6)
-    assert grads[0][1][:2].abs().sum() > 0
+    assert all(g.abs().sum() > 0 for g in grads[0])
 
 
 # ----------------------------------------------------------------------- saving, memory -----
@@ -231,14 +231,14 @@ def test_peft_saved_adapter_is_a_source(tmp_path):
 
 
 def test_thousand_adapters_fit_in_100_mb():
-    """1,024 adapters of d = 23,040 registered at once: the table is the only storage they take."""
+    """1,024 adapters of d = 23,040 registered at once: their parameters are the only storage they take."""
     _, model = _model(d=23_040)
     theta = torch.randn(23_040)
     for i in range(1024):
         uk.add_adapter(model, f"a{i}", theta)
     mem = uk.adapter_memory(model)
-    table = model.unilora_adapter_table
-    assert mem["table_bytes"] == table.numel() * table.element_size() <= 100e6
+    added = uk.adapter_parameters(model)[1:]
+    assert mem["table_bytes"] == sum(p.numel() * p.element_size() for p in added) <= 100e6
     assert mem["capacity"] == 1024 and mem["adapters"] == 1025 and mem["bytes_per_adapter"] == 23_040 * 4
     D = sum(layer.r * (layer.in_features + layer.out_features) for _, layer in uk.iter_layers(model))
     assert mem["lora_bytes_per_adapter"] == D * 4
@@ -247,22 +247,25 @@ def test_thousand_adapters_fit_in_100_mb():
 def test_bf16_table_on_request():
     _, model = _model()
     uk.add_adapter(model, "a", _thetas(1)[0], dtype=torch.bfloat16)
-    assert model.unilora_adapter_table.dtype == torch.bfloat16
+    assert uk.adapter_theta(model, "a").dtype == torch.bfloat16
     assert uk.adapter_memory(model)["bytes_per_adapter"] == D_SMALL * 2
     with pytest.raises(ValueError, match="bfloat16"):
         uk.add_adapter(model, "b", _thetas(1)[0], dtype=torch.float32)
 
 
-def test_capacity_doubles_and_rows_are_reused():
+def test_each_adapter_is_a_parameter_and_a_removed_one_leaves():
     _, model = _model()
     thetas = _thetas(6)
     for i, t in enumerate(thetas[:5]):
         uk.add_adapter(model, f"a{i}", t)
-    assert model.unilora_adapter_table.shape[0] == 8
+    assert uk.adapter_memory(model)["capacity"] == 5
+    old = uk.adapter_theta(model, "a1")
     uk.remove_adapter(model, "a1")
+    assert all(p is not old for p in model.parameters())
     uk.add_adapter(model, "b", thetas[5])
     assert uk.adapter_names(model) == ["default", "a0", "a2", "a3", "a4", "b"]
-    assert model.unilora_adapter_table.shape[0] == 8
+    assert uk.adapter_theta(model, "b") is not old and uk.adapter_memory(model)["capacity"] == 5
+    assert isinstance(uk.adapter_theta(model, "b"), torch.nn.Parameter)
     assert torch.equal(uk.adapter_theta(model, "b"), thetas[5])
     assert torch.equal(uk.adapter_theta(model, "a4"), thetas[4])
 
@@ -282,10 +285,10 @@ def _other(tmp_path, base, name, **cfg):
 def test_mismatched_adapter_is_refused_naming_the_field(tmp_path, field, cfg):
     base, model = _model()
     uk.add_adapter(model, "ok", _thetas(1)[0])
-    before = (uk.adapter_names(model), model.unilora_adapter_table.detach().clone())
+    before = (uk.adapter_names(model), dict(model.named_parameters()))
     with pytest.raises(ValueError, match=field):
         uk.add_adapter(model, "bad", _other(tmp_path, base, field, **cfg))
-    assert uk.adapter_names(model) == before[0] and torch.equal(model.unilora_adapter_table, before[1])
+    assert uk.adapter_names(model) == before[0] and dict(model.named_parameters()) == before[1]
 
 
 def test_bad_names_and_sources_are_clear_errors():

@@ -359,3 +359,55 @@ def test_cuda_deterministic_mode_is_refused(monkeypatch):
         ext.mixed_backward(g, x, theta, table, seq, proj, 0.0, None, True, True)
     gx, gt, gtab = ext.mixed_backward(g, x, theta, table, seq, proj, 0.0, None, True, False)  # no atomics: allowed
     assert gt is None and gx.shape == x.shape
+
+
+# ------------------------------------------ issue 22 item 10: maps kept, one ISA rule -----
+@needs_ext
+@pytest.mark.parametrize("kind", ["uniform", "hashed"])
+def test_cpu_layer_maps_are_built_once_and_rebuilt_after_an_index_write(kind):
+    """The element / sorted / transposed maps of a projection are built on its first mixed call and
+    reused by the next forward, backward and decode; an in-place write to the indices (a version
+    bump) rebuilds them, and the result follows the new indices."""
+    proj, theta, table, seq, x, out, g = _case(**ODD, kind=kind, x_dtype=torch.float32,
+                                               table_dtype=torch.float32, capacity=4, ids=[2, -1, 0, 2, 4])
+    builds = C._mixed_map_builds
+    start = builds()
+    first = out.clone()
+    ext.mixed_forward_(first, x, theta, table, seq, proj, 0.0, None)
+    assert builds() == start + 1
+    again = out.clone()
+    ext.mixed_forward_(again, x, theta, table, seq, proj, 0.0, None)
+    ext.mixed_backward(g, x, theta, table, seq, proj, 0.0, None, True, True)
+    S = seq.shape[0]
+    columns = C.decode_columns(theta, table, seq, 16)
+    C.mixed_decode_(out[:S].clone(), x[:S], columns, proj.scales, proj.idx_a, proj.idx_b, proj.r,
+                    list(proj.hash_params))
+    assert builds() == start + 1, "the second forward, the backward and decode reuse the maps"
+    assert torch.equal(first, again)
+    if kind == "uniform":
+        proj.idx_a[0, 0] = (proj.idx_a[0, 0] + 1) % ODD["d"]  # an in-place write: the maps must follow
+        _check_against_oracle(proj, theta, table, seq, x, out.clone(), g, 0.0, kind, torch.float32, "after a write")
+        assert builds() == start + 2
+
+
+def _decode_kernels(monkeypatch, value):
+    proj, theta, table, seq, x, out, _ = _case(5, 1, 37, 29, 3, 53, kind="uniform", x_dtype=torch.float32,
+                                               table_dtype=torch.float32, capacity=4, ids=[2, -1, 0, 2, 4])
+    if value is None:
+        monkeypatch.delenv("UNILORA_CPU_SIMD", raising=False)
+    else:
+        monkeypatch.setenv("UNILORA_CPU_SIMD", value)
+    columns = C.decode_columns(theta, table, seq, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        C.mixed_decode_(out, x, columns, proj.scales, proj.idx_a, proj.idx_b, proj.r, [])
+    return {e.name for e in prof.events() if e.name.startswith("unilora_cpu::mixed_decode")}
+
+
+@needs_ext
+def test_cpu_mixed_decode_takes_the_backends_isa_choice(monkeypatch):
+    """UNILORA_CPU_SIMD=avx2 (or 0) keeps the decode column kernel off AVX-512, as every cpu kernel."""
+    if ext.build_metadata().get("cpu_simd_isa") != "avx512":
+        pytest.skip("no AVX-512F on this CPU (or UNILORA_CPU_SIMD caps it): nothing to cap")
+    assert _decode_kernels(monkeypatch, None) == {"unilora_cpu::mixed_decode_avx512"}
+    assert _decode_kernels(monkeypatch, "avx2") == {"unilora_cpu::mixed_decode"}
+    assert _decode_kernels(monkeypatch, "0") == {"unilora_cpu::mixed_decode"}

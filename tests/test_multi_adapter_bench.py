@@ -105,3 +105,18 @@ def test_an_unavailable_backend_is_refused_with_the_reason(tmp_path, capsys):
     assert bench.main(["--quick", "--tiny", "--cpu", "--backend", "cuda", "--out", str(tmp_path)]) == 2
     assert "cuda" in capsys.readouterr().err  # the compiled CUDA kernels never take CPU tensors
     assert not list(tmp_path.iterdir())
+
+
+def test_train_registry_job_times_one_batch_with_each_registry_size(tmp_path):
+    """Issue 22 item 8: the training step of one batch with 4 and with 16 adapters registered, tiny."""
+    res = subprocess.run([sys.executable, "-P", str(SCRIPT), "--quick", "--tiny", "--cpu", "--threads", "1",
+                          "--min-time", "0.02", "--backend", _backend(), "--workloads", "decode", "--ns", "1",
+                          "--bs", "4", "--candidates", "mixed", "--train-registry", "4,16", "--train-batch", "4",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [r for r in csv.DictReader(open(tmp_path / "multi_adapter.csv")) if r["workload"] == "train"]
+    assert [int(r["N"]) for r in rows] == [4, 16]
+    for r in rows:
+        assert r["correct"] == "True" and float(r["median_ms"]) > 0 and int(r["B"]) == 4, r
+        assert r["note"].endswith("the step with 4 registered (median of per-round ratios)"), r["note"]
+    assert "### train" in (tmp_path / "multi_adapter.md").read_text()

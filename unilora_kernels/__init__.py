@@ -8,8 +8,8 @@ Public API: ``UniLoRAConfig``, ``inject``, ``UniLoRALinear``, ``from_peft``, ``l
 from . import hf_trainer  # UniLoRATrainer, adapter_checkpoints: transformers is imported on first use
 from . import ops
 from ._version import __version__
-from .adapters import (adapter_batch, adapter_memory, adapter_names, adapter_theta, add_adapter,
-                       remove_adapter)
+from .adapters import (adapter_batch, adapter_memory, adapter_names, adapter_parameters, adapter_theta,
+                       add_adapter, remove_adapter)
 from .backends import BackendNotAvailableError
 from .build_info import build_info
 from .config import UniLoRAConfig
@@ -24,6 +24,7 @@ __all__ = [
     "adapter_batch",
     "adapter_memory",
     "adapter_names",
+    "adapter_parameters",
     "adapter_theta",
     "add_adapter",
     "remove_adapter",

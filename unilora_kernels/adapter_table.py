@@ -1,11 +1,15 @@
-"""Many adapters of one model: their theta vectors in one ``(capacity, d)`` table.
+"""Many adapters of one model: each added adapter its own ``(d,)`` parameter on the bank's owner.
 
 Every adapter trained with the model's configuration shares its projection (index table, scales,
 layer slices), so an adapter is nothing but a d-length vector. The model's own theta_d stays the
-parameter ``unilora_theta_d`` (the adapter ``"default"``); the others are rows of the parameter
-``unilora_adapter_table`` on the same owner module, which an optimizer takes like any parameter.
-The table grows by doubling, so its shape (and a compiled graph's) changes only at a growth.
-A mixed batch names one adapter per sequence; kernels read ids: -1 base, 0 default, k table row k-1.
+parameter ``unilora_theta_d`` (the adapter ``"default"``); an added adapter is the parameter
+``unilora_adapter_<slot>`` on the same owner (names are any strings, so they map to slots in the
+persistent buffer ``unilora_adapter_names``). A parameter per adapter is what gives training the
+semantics of training each adapter alone: a mixed batch stacks only its own adapters into the
+``(U, d)`` table the kernels read, so an adapter absent from the batch gets no gradient (grad None:
+no torch optimizer moves it), the backward's cost follows U and not the registry, and
+``add_adapter`` always makes a new parameter (no optimizer state inherited from a removed one).
+A batch's ids: -1 base, 0 default, k the k-th distinct added adapter of the batch (row k - 1).
 """
 
 from __future__ import annotations
@@ -18,100 +22,91 @@ from torch import nn
 
 from .backends import policy
 
-TABLE_NAME = "unilora_adapter_table"
-NAMES_NAME = "unilora_adapter_names"  # buffer: the names -> rows map as UTF-8 JSON, so a state dict says who owns a row
+PARAM_PREFIX = "unilora_adapter_"  # + slot: an added adapter's parameter on the owner
+NAMES_NAME = "unilora_adapter_names"  # buffer: the names -> slots map as UTF-8 JSON, so a state dict says who is who
 DEFAULT = "default"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-INITIAL_CAPACITY = 4
+
+
+def param_name(slot: int) -> str:
+    return f"{PARAM_PREFIX}{slot}"
 
 
 class AdapterTable:
-    """The named rows of the owner's ``unilora_adapter_table`` (one per bank)."""
+    """The named adapter parameters of one bank (``slots``: name -> slot, in adding order)."""
 
     def __init__(self, bank, dtype: torch.dtype = torch.float32):
         if dtype not in policy.ADAPTER_TABLE_DTYPES:
-            raise TypeError(f"the adapter table is stored in one of {policy.ADAPTER_TABLE_DTYPES}, not {dtype}")
+            raise TypeError(f"adapters are stored in one of {policy.ADAPTER_TABLE_DTYPES}, not {dtype}")
         self.bank = bank
         self._dtype = dtype
-        self.rows: dict[str, int] = {}  # name -> row of the table
-        self.generation = 0  # bumped by every add/remove: the rows names map to may have changed
+        self.slots: dict[str, int] = {}  # name -> slot of its parameter
+        self.keys: dict[str, str] = {}  # name -> its parameter's name on the owner
+        self.generation = 0  # bumped by every add/remove: the parameters names map to may have changed
 
     @property
     def dtype(self) -> torch.dtype:
-        """The table's dtype as stored: ``model.to(torch.bfloat16)`` casts the parameter, so read it there."""
-        table = self.table
-        return self._dtype if table is None else table.dtype
-
-    # -- storage ---------------------------------------------------------------------------
-    @property
-    def table(self) -> Optional[nn.Parameter]:
-        return getattr(self.bank.owner, TABLE_NAME, None)
+        """The adapters' dtype as stored: ``model.to(torch.bfloat16)`` casts the parameters, so read one."""
+        for name in self.slots:
+            return self.param(name).dtype
+        return self._dtype
 
     @property
     def capacity(self) -> int:
-        table = self.table
-        return 0 if table is None else table.shape[0]
+        """How many adapters are stored (a parameter each: nothing is preallocated)."""
+        return len(self.slots)
 
-    def table_for(self, theta: torch.Tensor) -> torch.Tensor:
-        """The table the kernels read beside ``theta`` (an empty one before the first adapter)."""
-        table = self.table
-        if table is None:
-            return theta.new_empty((0, theta.shape[0]), dtype=self.dtype)
-        return table
+    def param(self, name: str) -> nn.Parameter:
+        key = self.keys.get(name)
+        if key is None:
+            self._slot(name)  # the error naming the adapters
+        return self.bank.owner._parameters[key]  # read there: model.to() or load_state_dict(assign=True) may replace it
 
-    def _free_row(self) -> int:
-        used = set(self.rows.values())
-        free = [i for i in range(self.capacity) if i not in used]
-        if free:
-            return free[0]
-        self._grow(max(INITIAL_CAPACITY, 2 * self.capacity))
-        return len(used)
+    def params(self) -> list:
+        return [self.param(n) for n in self.slots]
 
-    def _grow(self, capacity: int) -> None:
-        """Reallocate the table at ``capacity`` rows (a new parameter: build optimizers afterwards)."""
-        theta = self.bank.theta_d
-        old = self.table
-        with torch.inference_mode(False), torch.no_grad():  # a table made under inference_mode could never train
-            new = torch.zeros((capacity, self.bank.d), dtype=self.dtype, device=theta.device)
-            if old is not None:
-                new[: old.shape[0]].copy_(old.detach())
-        self.bank.owner.register_parameter(TABLE_NAME, nn.Parameter(new, requires_grad=theta.requires_grad))
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params())
 
     # -- names -----------------------------------------------------------------------------
     def names(self) -> list:
-        return [DEFAULT] + list(self.rows)
+        return [DEFAULT] + list(self.slots)
 
     def check_new_name(self, name) -> None:
-        check_new_name(name, self.rows)
+        check_new_name(name, self.slots)
 
     def add(self, name: str, theta: torch.Tensor) -> None:
-        """Store ``theta`` (checked by the caller: length d, finite) as adapter ``name``."""
+        """Store ``theta`` (checked by the caller: length d, finite) as adapter ``name``: a new parameter,
+        so no optimizer holds state for it (add it to one: ``adapter_parameters`` / ``add_param_group``)."""
         self.check_new_name(name)
-        row = self._free_row()
-        with torch.inference_mode(False), torch.no_grad():
-            self.table[row].copy_(theta.to(self.table.device, self.dtype))
-        self.rows[name] = row
+        used = set(self.slots.values())
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        ref = self.bank.theta_d
+        with torch.inference_mode(False), torch.no_grad():  # made under inference_mode it could never train
+            value = theta.detach().to(device=ref.device, dtype=self.dtype).clone()
+        self.bank.owner.register_parameter(param_name(slot), nn.Parameter(value, requires_grad=ref.requires_grad))
+        self.slots[name] = slot
+        self.keys[name] = param_name(slot)
         self.generation += 1
-        publish_rows(self)
+        publish_slots(self)
 
     def remove(self, name: str) -> None:
         if name == DEFAULT:
             raise ValueError(f"{DEFAULT!r} is the model's own theta_d and cannot be removed")
-        row = self._row(name)
-        del self.rows[name]
+        slot = self._slot(name)
+        del self.slots[name], self.keys[name]
+        delattr(self.bank.owner, param_name(slot))  # an optimizer still holding it keeps a detached tensor
         self.generation += 1
-        with torch.inference_mode(False), torch.no_grad():
-            self.table[row].zero_()
-        publish_rows(self)
+        publish_slots(self)
 
-    def _row(self, name: str) -> int:
-        if name not in self.rows:
+    def _slot(self, name: str) -> int:
+        if name not in self.slots:
             raise ValueError(f"unknown adapter {name!r}; adapters: {self.names()} (and {BASE!r} for none)")
-        return self.rows[name]
+        return self.slots[name]
 
-    def theta_of(self, name: str) -> torch.Tensor:
-        """Adapter ``name``'s d-length vector (a view: the model's theta_d or a table row)."""
-        return self.bank.theta_d if name == DEFAULT else self.table[self._row(name)]
+    def theta_of(self, name: str) -> nn.Parameter:
+        """Adapter ``name``'s parameter (the model's theta_d for "default")."""
+        return self.bank.theta_d if name == DEFAULT else self.param(name)
 
 
 def check_new_name(name, taken) -> None:
@@ -122,13 +117,20 @@ def check_new_name(name, taken) -> None:
                          f"none; added: {list(taken)})")
 
 
+def batch_adapters(names: Sequence[str]) -> tuple:
+    """The distinct added adapters of a batch in first-appearance order: row k - 1 of its table is
+    the adapter of id k (repeating every name k times, as beams do, keeps the order)."""
+    return tuple(dict.fromkeys(n for n in names if n != BASE and n != DEFAULT))
+
+
 _IDS_CACHE_SIZE = 64
 
 
 def sequence_ids(bank, names: Sequence[str], device) -> torch.Tensor:
-    """The kernels' int32 id per sequence: -1 base, 0 default, k > 0 table row k - 1. The same names
-    give the same tensor again (until an adapter is added or removed), so what a backend keeps for
-    one batch's ids (extension.decode_columns) serves every batch of the same adapters."""
+    """The kernels' int32 id per sequence: -1 base, 0 default, k > 0 the batch's k-th distinct added
+    adapter (``batch_adapters``). The same names give the same tensor again (until an adapter is added
+    or removed), so what a backend keeps for one batch's ids (extension.decode_columns) serves every
+    batch of the same adapters."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
         raise ValueError(f"names must be a non-empty list of adapter names (one per sequence), got {names!r}")
     generation = -1 if bank.adapters is None else bank.adapters.generation
@@ -144,23 +146,18 @@ def sequence_ids(bank, names: Sequence[str], device) -> torch.Tensor:
 
 
 def _ids(bank, names, device) -> torch.Tensor:
-    rows = {} if bank.adapters is None else bank.adapters.rows
-    ids = []
+    slots = {} if bank.adapters is None else bank.adapters.slots
     for name in names:
-        if name == BASE:
-            ids.append(-1)
-        elif name == DEFAULT:
-            ids.append(0)
-        elif name in rows:
-            ids.append(rows[name] + 1)
-        else:
-            raise ValueError(f"unknown adapter {name!r}; adapters: {[DEFAULT, *rows]} (and {BASE!r} for none)")
+        if name not in slots and name != BASE and name != DEFAULT:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {[DEFAULT, *slots]} (and {BASE!r} for none)")
+    local = {name: k + 1 for k, name in enumerate(batch_adapters(names))}
+    ids = [-1 if n == BASE else 0 if n == DEFAULT else local[n] for n in names]
     with torch.inference_mode(False):  # cached and reused outside inference_mode (and saved for backward)
         return torch.tensor(ids, dtype=torch.int32, device=device)
 
 
 def theta_of(bank, name: str) -> torch.Tensor:
-    """Adapter ``name``'s d-length vector: the model's theta_d or a view of its table row."""
+    """Adapter ``name``'s parameter: the model's theta_d or the added adapter's own."""
     if name == DEFAULT:
         return bank.theta_d
     if bank.adapters is None:
@@ -168,57 +165,163 @@ def theta_of(bank, name: str) -> torch.Tensor:
     return bank.adapters.theta_of(name)
 
 
+def parameters_of(bank, names: Optional[Sequence[str]] = None) -> list:
+    """The parameters of adapters ``names`` (default: "default" and every added one, in adding order)."""
+    if names is None:
+        names = [DEFAULT] + ([] if bank.adapters is None else list(bank.adapters.slots))
+    elif isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"names must be a list of adapter names, got {names!r}")
+    return [theta_of(bank, n) for n in names]
+
+
 def memory_of(bank) -> dict:
-    """Bytes of the adapter table and per adapter, beside a plain LoRA adapter (fp32 A and B) of the
+    """Bytes of the added adapters and per adapter, beside a plain LoRA adapter (fp32 A and B) of the
     same layers; before the first ``add_adapter``, per adapter is theta_d's own size."""
     table = bank.adapters
     itemsize = (bank.theta_d.dtype if table is None else table.dtype).itemsize
-    capacity = 0 if table is None else table.capacity
     return {
         "adapters": 1 if table is None else len(table.names()),
-        "capacity": capacity,
-        "table_bytes": capacity * bank.d * itemsize,
+        "capacity": 0 if table is None else table.capacity,
+        "table_bytes": 0 if table is None else table.nbytes(),
         "bytes_per_adapter": bank.d * itemsize,
         "lora_bytes_per_adapter": bank.D * 4,
     }
 
 
-def table_for(bank, theta: torch.Tensor) -> torch.Tensor:
-    """The table a mixed batch reads beside ``theta``: the bank's, or an empty fp32 one."""
+# --------------------------------------------------------------------------------------------
+# the (U, d) table of one batch
+# --------------------------------------------------------------------------------------------
+_STEPS = [0]  # optimizer steps so far: fused steps write parameters without bumping their versions
+_step_hook = None
+_STACK_CACHE_SIZE = 64
+
+
+def _count_step(*_args) -> None:
+    _STEPS[0] += 1
+
+
+def _watch_optimizer_steps() -> None:
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim does not expose it
+
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+
+
+def batch_table(bank, state, theta: torch.Tensor) -> torch.Tensor:
+    """The ``(U, d)`` table a mixed batch (``batch_state.BatchState``) reads beside ``theta``: row
+    k - 1 is ``state.adapters[k - 1]``'s parameter (``state.params``). With grad on it is a
+    ``torch.stack`` of them, so autograd hands each row's gradient to its own parameter and none to
+    the adapters absent from the batch. With grad off (serving) the stack is kept per set of adapters
+    (``bank.stack_cache``; the batch keeps its entry, so later layer calls skip the lookup) and
+    rebuilt in place (its version bumped, so decode columns built from it are dropped too) once a
+    parameter's version changes or any optimizer steps; ``model.to()`` drops it (``drop_stacks``);
+    writes through ``.data`` are not seen."""
+    table, adapters, params = bank.adapters, state.adapters, state.params
+    if torch.compiler.is_compiling():
+        return _compiled_table(bank, state, theta)
+    if not adapters:
+        return theta.new_zeros((0, bank.d), dtype=torch.float32 if table is None else table.dtype)
+    if torch.is_grad_enabled():
+        return torch.stack(params)
+    try:
+        key = (_STEPS[0], [p._version for p in params])
+    except RuntimeError:  # an inference tensor: no version counter to key a cache on
+        return torch.stack(params)
+    entry = state.stack
+    if entry is None:
+        where = (adapters, table.generation)
+        entry = bank.stack_cache.get(where)
+        if entry is None:
+            if len(bank.stack_cache) >= _STACK_CACHE_SIZE:
+                bank.stack_cache.clear()  # batches holding an entry keep it (still checked per call)
+            entry = bank.stack_cache[where] = [None, None]  # [key, stack]
+        state.stack = entry
+    if entry[0] == key:
+        return entry[1]
+    if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.stack(params)  # a CUDA graph replays this stack, so it reads the parameters as they are then
+    with torch.inference_mode(False), torch.no_grad():  # the copy outlives this call: no inference tensor
+        fresh = torch.stack(params)
+        old = entry[1]
+        if old is not None and old.shape == fresh.shape and old.dtype == fresh.dtype and old.device == fresh.device:
+            old.copy_(fresh)  # in place: its version moves, so whatever was keyed on it is stale
+            fresh = old
+    _watch_optimizer_steps()
+    entry[0], entry[1] = key, fresh
+    return fresh
+
+
+def drop_stacks(bank) -> None:
+    """Forget every kept stack (``model.to()`` changes the parameters' data without a version bump)."""
+    for entry in bank.stack_cache.values():
+        entry[0] = entry[1] = None
+    bank.stack_cache.clear()
+
+
+def compile_rows(bank, params: tuple) -> tuple:
+    """What a compiled forward with grad off stacks: ``params`` (no copy, so nothing goes stale) padded
+    with distinct zero parameters like them to a power of two >= 4. Dynamo then guards on the row count
+    and each row's metadata, not on the batch's names, so batches of other adapters (up to the same
+    bucket) run the same graph."""
     if bank.adapters is None:
-        return theta.new_empty((0, theta.shape[0]), dtype=torch.float32)
-    return bank.adapters.table_for(theta)
+        return ()
+    n = max(4, 1 << max(len(params) - 1, 0).bit_length())
+    ref = params[0] if params else bank.theta_d
+    pads = bank.compile_pads
+    dtype = bank.adapters.dtype
+    if (len(pads) < n or pads[0].dtype != dtype or pads[0].device != ref.device
+            or pads[0].requires_grad != ref.requires_grad):
+        with torch.inference_mode(False), torch.no_grad():
+            pads[:] = [nn.Parameter(torch.zeros(bank.d, dtype=dtype, device=ref.device), ref.requires_grad)
+                       for _ in range(n)]
+    return params + tuple(pads[len(params):n])
+
+
+def _compiled_table(bank, state, theta):
+    if torch.is_grad_enabled():  # in the graph, so that each row's gradient reaches its parameter
+        if not state.params:
+            dtype = torch.float32 if bank.adapters is None else bank.adapters.dtype
+            return theta.new_zeros((0, bank.d), dtype=dtype)
+        return torch.stack(state.params)
+    if not state.compile_rows:
+        return theta.new_zeros((0, bank.d), dtype=torch.float32)
+    return torch.stack(state.compile_rows)
 
 
 def table_of(bank, create: bool = False, dtype: Optional[torch.dtype] = None) -> Optional[AdapterTable]:
-    """The bank's adapter table (made on first use when ``create``)."""
+    """The bank's adapter registry (made on first use when ``create``)."""
     if bank.adapters is None and create:
         bank.adapters = AdapterTable(bank, dtype or torch.float32)
-    elif dtype is not None and bank.adapters is not None and bank.adapters.dtype != dtype:
-        raise ValueError(f"the model's adapter table is {bank.adapters.dtype}; it cannot hold {dtype} adapters")
+    elif dtype is not None and bank.adapters is not None and bank.adapters.slots and bank.adapters.dtype != dtype:
+        raise ValueError(f"the model's adapters are {bank.adapters.dtype}; it cannot hold {dtype} adapters")
+    if dtype is not None and bank.adapters is not None and not bank.adapters.slots:
+        if dtype not in policy.ADAPTER_TABLE_DTYPES:
+            raise TypeError(f"adapters are stored in one of {policy.ADAPTER_TABLE_DTYPES}, not {dtype}")
+        bank.adapters._dtype = dtype  # no adapter left: the next one sets the dtype again
     return bank.adapters
 
 
 # --------------------------------------------------------------------------------------------
-# the names of the rows in the state dict
+# the names of the adapters in the state dict
 # --------------------------------------------------------------------------------------------
-def publish_rows(table: AdapterTable) -> None:
-    """Store ``table.rows`` in the owner's persistent buffer ``unilora_adapter_names``."""
-    data = json.dumps(table.rows, sort_keys=True).encode("utf-8")
+def publish_slots(table: AdapterTable) -> None:
+    """Store ``table.slots`` in the owner's persistent buffer ``unilora_adapter_names``."""
+    data = json.dumps(table.slots, sort_keys=True).encode("utf-8")
     with torch.inference_mode(False):
         buf = torch.tensor(list(data), dtype=torch.uint8, device=table.bank.theta_d.device)
     table.bank.owner.register_buffer(NAMES_NAME, buf, persistent=True)
 
 
-def _rows_of(buf, where: str) -> dict:
+def _slots_of(buf, where: str) -> dict:
     try:
-        rows = json.loads(bytes(buf.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        slots = json.loads(bytes(buf.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RuntimeError, TypeError) as exc:
-        raise ValueError(f"{where} is not a names -> rows map ({type(exc).__name__}: {exc})") from None
-    if not isinstance(rows, dict) or not all(isinstance(k, str) and isinstance(v, int) and v >= 0
-                                             for k, v in rows.items()):
-        raise ValueError(f"{where} is not a names -> rows map: {str(rows)[:80]}")
-    return rows
+        raise ValueError(f"{where} is not a names -> slots map ({type(exc).__name__}: {exc})") from None
+    if not isinstance(slots, dict) or not all(isinstance(k, str) and isinstance(v, int) and v >= 0
+                                              for k, v in slots.items()):
+        raise ValueError(f"{where} is not a names -> slots map: {str(slots)[:80]}")
+    return slots
 
 
 def _refuse_merged(owner: nn.Module) -> None:
@@ -231,26 +334,28 @@ def _refuse_merged(owner: nn.Module) -> None:
 
 def load_state_dict_hook(owner, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                          error_msgs) -> None:
-    """The owner's load_state_dict pre-hook: refuse a merged model; map the incoming table's rows to
-    this model's rows by adapter name (adding orders may differ), or refuse other names."""
+    """The owner's load_state_dict pre-hook: refuse a merged model; move each incoming adapter to this
+    model's parameter of the same name (adding orders, hence slots, may differ), or refuse other names."""
     _refuse_merged(owner)
-    names_key, table_key = prefix + NAMES_NAME, prefix + TABLE_NAME
+    names_key = prefix + NAMES_NAME
     if names_key not in state_dict:
         return  # no adapters there (or an older checkpoint): strict loading reports the missing key
-    theirs = _rows_of(state_dict[names_key], f"state_dict[{names_key!r}]")
+    theirs = _slots_of(state_dict[names_key], f"state_dict[{names_key!r}]")
     mine_buf = owner._buffers.get(NAMES_NAME)
-    mine = {} if mine_buf is None else _rows_of(mine_buf, f"the model's {NAMES_NAME}")
+    mine = {} if mine_buf is None else _slots_of(mine_buf, f"the model's {NAMES_NAME}")
     if set(theirs) != set(mine):
-        raise ValueError(f"the state dict's adapter table holds {sorted(theirs)}, the model's {sorted(mine)}: "
+        raise ValueError(f"the state dict holds the adapters {sorted(theirs)}, the model {sorted(mine)}: "
                          "add_adapter/remove_adapter the same names first (their values are then loaded by name)")
-    incoming, table = state_dict.get(table_key), owner._parameters.get(TABLE_NAME)
-    if mine_buf is None or incoming is None or table is None:
-        return  # nothing to map: torch reports missing or unexpected keys
-    if incoming.dim() != 2 or incoming.shape[1] != table.shape[1] or any(r >= incoming.shape[0] for r in theirs.values()):
-        raise ValueError(f"state_dict[{table_key!r}] has shape {tuple(incoming.shape)}, which does not hold the rows "
-                         f"{theirs} of d = {table.shape[1]:,}")
-    remapped = incoming.new_zeros(table.shape)
-    for name, row in mine.items():
-        remapped[row] = incoming[theirs[name]]
-    state_dict[table_key] = remapped
-    state_dict[names_key] = mine_buf
+    incoming = {}
+    for name, slot in theirs.items():
+        key = prefix + param_name(slot)
+        if key in state_dict:
+            incoming[name] = state_dict.pop(key)
+    for name, value in incoming.items():
+        own = owner._parameters.get(param_name(mine[name]))
+        if own is not None and tuple(value.shape) != tuple(own.shape):
+            raise ValueError(f"state_dict[{prefix + param_name(theirs[name])!r}] (adapter {name!r}) has shape "
+                             f"{tuple(value.shape)}, the model's adapter {tuple(own.shape)}")
+        state_dict[prefix + param_name(mine[name])] = value
+    if mine_buf is not None:
+        state_dict[names_key] = mine_buf

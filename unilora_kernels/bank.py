@@ -44,10 +44,12 @@ class UniLoRABank:
         self.D, self.d = D, d
         self.projection = config.projection
         self._table: Optional[torch.Tensor] = None
-        self.adapters = None  # the AdapterTable of other adapters sharing this projection (adapter_table.py)
+        self.adapters = None  # the AdapterTable: added adapters sharing this projection (adapter_table.py)
         self._snapshot: Optional[torch.Tensor] = None  # a copy of theta_d (theta_snapshot)
         self.open_batches = 0  # adapter_batch contexts open on this bank, all threads (batch_state.py)
         self.ids_cache: dict = {}  # names -> ids tensor (adapter_table.sequence_ids)
+        self.stack_cache: dict = {}  # a batch's adapters -> their stacked table, grad off (adapter_table.batch_table)
+        self.compile_pads: list = []  # zero rows a compiled batch's table is padded with (adapter_table.compile_rows)
         # Indices the seed does not regenerate (a checkpoint's or a PEFT model's own) must be
         # saved with the adapter (peft_io.save_adapter).
         self.indices_from_seed = True
@@ -70,7 +72,7 @@ class UniLoRABank:
         self.owner.register_parameter(THETA_NAME, param)
         scales = self._exact_scales if device is None else self._exact_scales.to(device)
         self.owner.register_buffer(SCALES_NAME, scales, persistent=False)
-        # refuses a merged model, maps the adapter table's rows by name (adapter_table.py)
+        # refuses a merged model, maps the adapters' parameters by name (adapter_table.py)
         self.owner.register_load_state_dict_pre_hook(adapter_table.load_state_dict_hook)
 
     def theta_snapshot(self) -> torch.Tensor:

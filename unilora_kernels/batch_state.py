@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .adapter_table import sequence_ids
+from .adapter_table import batch_adapters, compile_rows, sequence_ids
 
 _STACK: contextvars.ContextVar = contextvars.ContextVar("unilora_adapter_batches", default=())
 # bank -> its innermost BatchState in this context; always replaced, never mutated (the default is shared)
@@ -30,14 +30,21 @@ _OPEN = "open_batches"  # bank attribute: batches open on it in any thread (remo
 
 
 class BatchState:
-    """One ``adapter_batch``: its names, their ids, and the ids of batches that are a multiple of it."""
+    """One ``adapter_batch``: its names, their ids, the distinct added adapters they name (id k is
+    ``adapters[k - 1]``) and their parameters, and the ids of batches that are a multiple of it."""
 
-    __slots__ = ("bank", "names", "ids", "_by_rows")
+    __slots__ = ("bank", "names", "ids", "adapters", "params", "compile_rows", "stack", "_by_rows")
 
     def __init__(self, bank, names: tuple, ids: torch.Tensor):
         self.bank = bank
         self.names = names
         self.ids = ids
+        self.adapters = batch_adapters(names)
+        table = bank.adapters
+        # resolved here, in eager code: a compiled forward then reads tensors, not the names -> slots map
+        self.params = tuple([table.param(n) for n in self.adapters]) if self.adapters else ()
+        self.compile_rows = compile_rows(bank, self.params)
+        self.stack = None  # its entry of bank.stack_cache, once looked up (adapter_table.batch_table)
         self._by_rows = {len(names): ids}
 
     def ids_for(self, rows: int) -> Optional[torch.Tensor]:

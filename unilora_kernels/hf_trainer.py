@@ -13,7 +13,7 @@ Every ``checkpoint-N/`` then holds ``adapter_config.json`` + ``adapter_model.saf
 files, and ``resume_from_checkpoint`` / ``load_best_model_at_end`` load the adapter back.
 Adapters registered with ``add_adapter`` are saved too, in PEFT's multi-adapter layout
 (``<dir>/<name>/adapter_model.safetensors`` + its config; ``unilora_adapters.json`` names them
-and their table rows), and restored by name; resuming adds the ones the model lacks.
+in the order of their parameters), and restored by name; resuming adds the ones the model lacks.
 
 Why override Trainer's ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` rather than
 add a callback: Trainer writes the full weights in ``_save`` before any callback runs, and
@@ -43,9 +43,9 @@ FULL_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TRAINING_ARGS_FILE = "training_args.bin"
-# The added adapters' names -> table rows and the table's capacity: which subdirectories are
-# adapters (save_model's directory also holds checkpoint-N/, runs/), and the rows the optimizer
-# state in optimizer.pt belongs to.
+# The added adapters' names in the order of their parameters: which subdirectories are adapters
+# (save_model's directory also holds checkpoint-N/, runs/), and the order in which optimizer.pt
+# holds their optimizer state (Trainer builds the optimizer from model.parameters()).
 ADAPTERS_FILE = "unilora_adapters.json"
 
 
@@ -82,70 +82,68 @@ def _check_dir_name(name: str, where: str) -> None:
                          "<dir>/<name>/): use a name without '/', '\\', '.'/'..' or a 'checkpoint-' prefix")
 
 
-def _table_layout(model: nn.Module):
-    """(names -> rows, capacity) of the model's added adapters."""
+def _added(model: nn.Module) -> list:
+    """The model's added adapters in the order of their parameters."""
     table = find_bank(model).adapters
-    return ({}, 0) if table is None else (dict(table.rows), table.capacity)
+    return [] if table is None else list(table.slots)
 
 
 def save_adapters(model: nn.Module, path) -> None:
     """The model's own adapter in ``path`` (as ``save_adapter``) and each added one in ``path/<name>/``."""
-    rows, capacity = _table_layout(model)
-    for name in rows:  # every name checked before anything is written
+    names = _added(model)
+    for name in names:  # every name checked before anything is written
         _check_dir_name(name, os.fspath(path))
     save_adapter(model, path)
-    if not rows:
+    if not names:
         return
-    for name in rows:
+    for name in names:
         save_adapter(model, os.path.join(path, name), name=name)
     tmp = os.path.join(path, ADAPTERS_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "capacity": capacity}, f, indent=2, sort_keys=True)
+        json.dump({"adapters": names}, f, indent=2)
     os.replace(tmp, os.path.join(path, ADAPTERS_FILE))
 
 
 def _read_layout(path):
     file = os.path.join(os.fspath(path), ADAPTERS_FILE)
     if not os.path.isfile(file):
-        return {}, None
+        return []
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{file!r} is damaged ({type(exc).__name__}: {exc})") from None
-    rows, capacity = (data.get("rows"), data.get("capacity")) if isinstance(data, dict) else (None, None)
-    if (not isinstance(rows, dict) or not isinstance(capacity, int)
-            or not all(isinstance(k, str) and isinstance(v, int) and 0 <= v < capacity for k, v in rows.items())):
-        raise ValueError(f"{file!r} is not {{'rows': {{name: row}}, 'capacity': int}}: {str(data)[:80]}")
-    for name in rows:
+    names = data.get("adapters") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{file!r} is not {{'adapters': [distinct names]}}: {str(data)[:80]}")
+    for name in names:
         _check_dir_name(name, file)
-    return rows, capacity
+    return names
 
 
-def load_adapters(model: nn.Module, path, same_rows: bool = False) -> None:
-    """Load what ``save_adapters`` wrote: the model's own adapter, and each added one into its row
-    by name (added to the model when it lacks it, in the saved row order). ``same_rows`` (resuming,
-    where optimizer.pt holds per-row moments): refuse when the rows then differ from the saved ones."""
+def load_adapters(model: nn.Module, path, same_order: bool = False) -> None:
+    """Load what ``save_adapters`` wrote: the model's own adapter, and each added one by name (added
+    to the model when it lacks it, in the saved order). ``same_order`` (resuming, where optimizer.pt
+    holds the adapters' state in parameter order): refuse when the order then differs from the saved one."""
     where = os.fspath(path)
-    rows, capacity = _read_layout(path)
+    ordered = _read_layout(path)
     bank = find_bank(model)
-    ordered = sorted(rows, key=rows.get)
     thetas = {name: theta_from_dir(model, bank, os.path.join(where, name)) for name in ordered}  # all checked first
     load_adapter(model, path)
     for name in ordered:
         table = bank.adapters
-        if table is not None and name in table.rows:
+        if table is not None and name in table.slots:
             with torch.no_grad():
                 row = table.theta_of(name)
                 row.copy_(thetas[name].to(row.device, row.dtype))
         else:
             add_adapter(model, name, thetas[name])
-    if same_rows and rows:
-        mine, my_capacity = _table_layout(model)
-        if mine != rows or my_capacity != capacity:
-            raise ValueError(f"{where}: the checkpoint's adapter table has rows {rows} of capacity {capacity}, the "
-                             f"model's {mine} of capacity {my_capacity}: the optimizer state would move other rows. "
-                             "Resume into a model without added adapters (they are added), or with these rows")
+    if same_order and ordered:
+        mine = _added(model)
+        if mine != ordered:
+            raise ValueError(f"{where}: the checkpoint's adapters are {ordered} in this order, the model's {mine}: "
+                             "optimizer.pt holds their state in parameter order, so it would go to other adapters. "
+                             "Resume into a model without added adapters (they are added), or with these in this order")
 
 
 class UniLoRACheckpointMixin:
@@ -166,7 +164,7 @@ class UniLoRACheckpointMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.model if model is None else model
         if has_adapter(model) and is_adapter_checkpoint(resume_from_checkpoint):
-            load_adapters(unwrapped(model), resume_from_checkpoint, same_rows=True)
+            load_adapters(unwrapped(model), resume_from_checkpoint, same_order=True)
             return None
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 

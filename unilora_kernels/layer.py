@@ -176,6 +176,7 @@ class UniLoRALinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_plans()  # .to() / .half() / .cuda(): indices and scales move, dtypes change
+        adapter_table.drop_stacks(self.bank)  # and the adapters: their stacked copies are stale
         return super()._apply(fn, *args, **kwargs)
 
     def _build_plan(self, key: tuple, x: torch.Tensor) -> Optional[LayerPlan]:
@@ -442,7 +443,7 @@ class UniLoRALinear(nn.Module):
                              "times as many for num_beams / num_return_sequences = k)")
         self._check_features(x)
         theta = self.theta_d
-        table = adapter_table.table_for(self.bank, theta)
+        table = adapter_table.batch_table(self.bank, batch, theta)  # only the batch's adapters
         theta = theta.to(device=x.device, dtype=table.dtype)
         table = table.to(x.device)
         scales = self.bank.scales.to(x.device)

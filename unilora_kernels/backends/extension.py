@@ -370,12 +370,14 @@ def decode_columns(theta, table, seq_adapter) -> Optional[torch.Tensor]:
     key = (theta.data_ptr(), theta._version, table.data_ptr(), table._version, tuple(table.shape),
            seq_adapter.data_ptr(), seq_adapter._version)
     hit = _columns_cache.get("entry")
-    if hit is not None and hit[0] == key and hit[1]() is seq_adapter:
+    if hit is not None and hit[0] == key and hit[1]() is seq_adapter and hit[3]() is table:
         return hit[2]
     with torch.inference_mode(False), torch.no_grad():  # the copy outlives this call: it must not be an inference tensor
         columns = _build_columns(theta, table, seq_adapter)
     _watch_optimizer_steps()
-    _columns_cache["entry"] = (key, weakref.ref(seq_adapter), columns)
+    # the table by identity too: a batch's stacked table (adapter_table.batch_table) may be freed and
+    # another made at its address with the same version
+    _columns_cache["entry"] = (key, weakref.ref(seq_adapter), columns, weakref.ref(table))
     return columns
 
 
