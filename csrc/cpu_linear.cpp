@@ -20,11 +20,11 @@ std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Ten
   using namespace cpu;
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   const int64_t M = x.size(0);
-  at::Tensor out;
+  at::Tensor out, h;
   // h = drop(x) A^T is kept for the backward at decode sizes only (M x r, no extra pass there);
-  // above them the backward recomputes it from the x rows it reads for dA anyway.
-  at::Tensor h = at::empty({M <= kSmallM ? M : 0, pj.r}, x.options().dtype(cd));
+  // above them the backward recomputes it from the x rows it reads for dA anyway (h has 0 rows).
   if (use_decode_linear(M, x, w, bias, weight_t, theta, pj, dr)) {
+    h = at::empty({M, pj.r}, x.options().dtype(cd));
     out = decode_linear(x, w, bias, theta, pj, h);
   } else if (fold_into_weight(M, x, w, cd, dr, pj)) {
     const auto [A, B] = gather_cpu(theta, pj, cd);
@@ -36,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Ten
       if (M <= kSmallM) h = hx;
     }
   }
+  if (!h.defined()) h = at::empty({0, pj.r}, x.options().dtype(cd));
   return {out, h};
 }
 

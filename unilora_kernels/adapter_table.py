@@ -191,21 +191,7 @@ def memory_of(bank) -> dict:
 # --------------------------------------------------------------------------------------------
 # the (U, d) table of one batch
 # --------------------------------------------------------------------------------------------
-_STEPS = [0]  # optimizer steps so far: fused steps write parameters without bumping their versions
-_step_hook = None
 _STACK_CACHE_SIZE = 64
-
-
-def _count_step(*_args) -> None:
-    _STEPS[0] += 1
-
-
-def _watch_optimizer_steps() -> None:
-    global _step_hook
-    if _step_hook is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim does not expose it
-
-        _step_hook = register_optimizer_step_post_hook(_count_step)
 
 
 def batch_table(bank, state, theta: torch.Tensor) -> torch.Tensor:
@@ -225,7 +211,7 @@ def batch_table(bank, state, theta: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         return torch.stack(params)
     try:
-        key = (_STEPS[0], [p._version for p in params])
+        key = (policy.optimizer_steps(), [p._version for p in params])  # fused steps bump no version
     except RuntimeError:  # an inference tensor: no version counter to key a cache on
         return torch.stack(params)
     entry = state.stack
@@ -247,7 +233,6 @@ def batch_table(bank, state, theta: torch.Tensor) -> torch.Tensor:
         if old is not None and old.shape == fresh.shape and old.dtype == fresh.dtype and old.device == fresh.device:
             old.copy_(fresh)  # in place: its version moves, so whatever was keyed on it is stale
             fresh = old
-    _watch_optimizer_steps()
     entry[0], entry[1] = key, fresh
     return fresh
 

@@ -42,7 +42,8 @@ from typing import Optional
 import torch
 
 from . import LayerProjection
-from .policy import ACTIVATION_DTYPES, DECODE_MAX_M, DECODE_MAX_R, THETA_DTYPES, compute_dtype, deterministic
+from .policy import (ACTIVATION_DTYPES, DECODE_MAX_M, DECODE_MAX_R, THETA_DTYPES, compute_dtype, deterministic,
+                     optimizer_steps)
 
 try:  # importing the library registers torch.ops.unilora_C
     from .. import _C
@@ -335,22 +336,6 @@ def mixed_forward_(out, x, theta, table, seq_adapter, proj: LayerProjection, p: 
 
 
 _columns_cache: dict = {}
-_step_hook = None  # the handle of the global optimizer-step hook that empties _columns_cache
-
-
-def _drop_columns(*_args) -> None:
-    _columns_cache.clear()
-
-
-def _watch_optimizer_steps() -> None:
-    """Empty the cache after every ``torch.optim.Optimizer`` step: fused steps (``fused=True``) write
-    the parameters in one kernel without bumping their version counters, so the key alone would
-    keep the old adapters. Registered once, when the cache is first filled (one dict clear per step)."""
-    global _step_hook
-    if _step_hook is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim does not expose it
-
-        _step_hook = register_optimizer_step_post_hook(_drop_columns)
 
 
 DECODE_COLUMN_LANES = 16  # sequences one AVX-512 step of the column kernel serves
@@ -362,19 +347,18 @@ def decode_columns(theta, table, seq_adapter) -> Optional[torch.Tensor]:
     Decode reads every layer of every step from it, so it is kept for the one ``seq_adapter`` tensor
     of a batch (``adapter_batch`` hands out one per list of names) while theta and the table keep
     their storage and version (in-place updates bump the version) and no optimizer step ran since
-    (``_watch_optimizer_steps``: fused steps bump no version); writes through ``.data`` and
+    (``optimizer_steps``: fused steps bump no version); writes through ``.data`` and
     optimizers that are no ``torch.optim.Optimizer`` are not seen. Inference tensors have no version counter: with one among
     them (an adapter table made under ``torch.inference_mode``) the columns are built per call."""
     if theta.is_inference() or table.is_inference() or seq_adapter.is_inference():
         return _build_columns(theta, table, seq_adapter)
     key = (theta.data_ptr(), theta._version, table.data_ptr(), table._version, tuple(table.shape),
-           seq_adapter.data_ptr(), seq_adapter._version)
+           seq_adapter.data_ptr(), seq_adapter._version, optimizer_steps())
     hit = _columns_cache.get("entry")
     if hit is not None and hit[0] == key and hit[1]() is seq_adapter and hit[3]() is table:
         return hit[2]
     with torch.inference_mode(False), torch.no_grad():  # the copy outlives this call: it must not be an inference tensor
         columns = _build_columns(theta, table, seq_adapter)
-    _watch_optimizer_steps()
     # the table by identity too: a batch's stacked table (adapter_table.batch_table) may be freed and
     # another made at its address with the same version
     _columns_cache["entry"] = (key, weakref.ref(seq_adapter), columns, weakref.ref(table))

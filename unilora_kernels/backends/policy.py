@@ -54,6 +54,27 @@ def env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={raw!r}: expected one of {TRUE_SPELLINGS + FALSE_SPELLINGS[:-1]}")
 
 
+_optimizer_steps = [0]
+_step_hook = None  # the global torch.optim step hook that counts them (registered on first use)
+
+
+def _count_step(*_args) -> None:
+    _optimizer_steps[0] += 1
+
+
+def optimizer_steps() -> int:
+    """``torch.optim.Optimizer`` steps this process has run. Caches of values derived from parameters
+    (decode columns, a batch's stacked adapters) key on it beside the parameters' version counters:
+    fused steps (``fused=True``) write parameters in one kernel without bumping their versions. The
+    hook is registered on the first call, so steps before it count from there."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim does not expose it
+
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+    return _optimizer_steps[0]
+
+
 def deterministic() -> bool:
     """No float atomics in backward (a fixed summation order): ``torch.use_deterministic_algorithms``
     or ``UNILORA_DETERMINISTIC``."""
