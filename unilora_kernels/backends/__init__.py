@@ -34,7 +34,8 @@ implements ``make_plan(spec)`` returns an object with ``forward_(out, x, theta, 
 primitives above with the projection, dropout, configs and every static check fixed when the
 plan was built. Per call the plan only checks what it cannot know in advance; the caller
 guarantees x is (M, in) with unit-stride rows, ``row_bucket(M) == spec.rows``, out/g of x's dtype
-(g of any strides: ``sum()``'s expanded grad_out is read as it is, not copied).
+(g of any strides: ``sum()``'s expanded grad_out is read as it is, not copied), h as the plan's
+``forward_`` returned it.
 
 ``auto`` resolves per device type, once, so results never change behind the user's back: CUDA
 tensors -> triton (and, for decode-sized calls, the compiled cuda kernels when both exist: see

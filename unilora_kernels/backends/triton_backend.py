@@ -356,7 +356,8 @@ class TritonPlan:
     config fixed: per call only M, the pointers, the grids (integer arithmetic on M) and the
     allocations of h, gB and grad_theta remain. ``forward_`` and ``backward`` have the semantics
     of the module functions of the same names; the caller guarantees what the contract says
-    (x (M, in) with unit-stride rows, ``row_bucket(M) == spec.rows``, out/g of ``other_dtype``).
+    (x (M, in) with unit-stride rows, ``row_bucket(M) == spec.rows``, out/g of ``other_dtype``,
+    g of any strides, h as ``forward_`` returned it).
     """
 
     def __init__(self, spec: PlanSpec, other_dtype: torch.dtype, schedule: str, tune: bool):
@@ -524,8 +525,6 @@ class TritonPlan:
             if need_x and not accum:
                 grad_x2d.zero_()
             return (grad_x2d if need_x else None), grad_theta
-        if need_theta:
-            h = h.contiguous()  # forward_'s own h: checked by the module backward for other callers
         if self.dropout:
             if type(seed) is not torch.Tensor or seed.device != dev or seed.dtype != torch.int64:
                 seed = _seed_arg(seed, dev)
@@ -655,6 +654,8 @@ def backward(g2d, x2d, theta, proj: LayerProjection, p: float, seed, h, grad_x2d
     if need_x and grad_x2d is not None:
         _check_inplace(grad_x2d, (M, K), "grad_x")
     _check_h(h, M, proj.r, need_theta)
+    if need_theta:
+        h = h.contiguous()  # the plan reads h as forward_ made it (M x r, contiguous)
     x2d = _unit_last(x2d)  # g: any strides
     return _plan_of(x2d, theta, proj, p, g2d.dtype).backward(g2d, x2d, theta, seed, h, grad_x2d, need_x, need_theta)
 
