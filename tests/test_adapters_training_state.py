@@ -150,9 +150,14 @@ def test_resume_refuses_adapters_in_another_order(tmp_path):
     trainer.train()
     other = _trainer_model(False)
     uk.add_adapter(other, "a1", torch.zeros(256))  # a1 first: optimizer.pt's first adapter moments are a0's
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
     resumed = _mixed_trainer(transformers, other, tmp_path / "resumed", max_steps=2)
     with pytest.raises(ValueError, match="order"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    # refused before anything was loaded: the model is as it was (no adapter added, no theta changed)
+    assert uk.adapter_names(other) == ["default", "a1"]
+    after = dict(other.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[n].detach(), t) for n, t in before.items())
 
 
 # ------------------------------------------- items 7, 8: each adapter its own parameter -----

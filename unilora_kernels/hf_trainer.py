@@ -129,6 +129,14 @@ def load_adapters(model: nn.Module, path, same_order: bool = False) -> None:
     ordered = _read_layout(path)
     bank = find_bank(model)
     thetas = {name: theta_from_dir(model, bank, os.path.join(where, name)) for name in ordered}  # all checked first
+    if same_order and ordered:  # refused before anything is loaded: the model stays as it was
+        mine = _added(model)
+        after = mine + [name for name in ordered if name not in mine]  # adapters it lacks are appended
+        if after != ordered:
+            raise ValueError(f"{where}: the checkpoint's adapters are {ordered} in this order, the model's would be "
+                             f"{after}: optimizer.pt holds their state in parameter order, so it would go to other "
+                             "adapters. Resume into a model without added adapters (they are added), or with these "
+                             "in this order")
     load_adapter(model, path)
     for name in ordered:
         table = bank.adapters
@@ -138,12 +146,6 @@ def load_adapters(model: nn.Module, path, same_order: bool = False) -> None:
                 row.copy_(thetas[name].to(row.device, row.dtype))
         else:
             add_adapter(model, name, thetas[name])
-    if same_order and ordered:
-        mine = _added(model)
-        if mine != ordered:
-            raise ValueError(f"{where}: the checkpoint's adapters are {ordered} in this order, the model's {mine}: "
-                             "optimizer.pt holds their state in parameter order, so it would go to other adapters. "
-                             "Resume into a model without added adapters (they are added), or with these in this order")
 
 
 class UniLoRACheckpointMixin:
