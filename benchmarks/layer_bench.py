@@ -15,6 +15,7 @@ from torch import nn
 
 import unilora_kernels as uk
 from unilora_kernels import projection as P
+from unilora_kernels.backends import cost_model, policy
 
 from candidates import Candidate, benchmark_backends, is_selected, unilora_name
 from common import (device_time_ms, largest_allocation_bytes, paired_ratio, peak_memory_bytes,
@@ -127,6 +128,22 @@ def reference_results(naive: Candidate, x, g) -> dict:
     return {"out": infer(), "grad_x": grads[0], "grad_theta": grads[1]}
 
 
+def model_columns(in_f: int, out_f: int, r: int, M: int, dtype, mode: str, device) -> dict:
+    """The byte/flop model's figures for this row (backends/cost_model.py): the device it models
+    (the bench's GPU, an H100 on a CPU run), the base GEMMs, the split and fold schedules, and the
+    row threshold at which the cuda/triton backends fold (policy.fold_min_m, no dropout)."""
+    name, peak = cost_model.peak_named(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    elt = torch.empty((), dtype=dtype).element_size()
+    training = mode == "training"
+    flops = peak.flops if elt <= 2 else peak.flops / 4
+    gemms = [k for k in cost_model.kernels("split", M, in_f, out_f, r, elt, training) if k[0].endswith("gemm")]
+    base_s = sum(max(f / flops, b / peak.bandwidth) + cost_model.LAUNCH_S for _, f, b in gemms)
+    pred = {s: cost_model.predict_s(s, M, in_f, out_f, r, elt, training, peak) * 1e3 for s in ("split", "fold")}
+    fold_at = policy.fold_min_m("cuda", torch.device("cpu"), dtype, in_f, out_f, r, False, training, False)
+    return dict(model_device=name, model_base_ms=base_s * 1e3, model_split_ms=pred["split"],
+                model_fold_ms=pred["fold"], fold_min_m=None if fold_at >= policy.FOLD_NEVER else fold_at)
+
+
 def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, measure_memory, bar,
                min_time=None) -> list:
     gen = torch.Generator().manual_seed(M)
@@ -141,7 +158,8 @@ def run_config(cands: list, in_f, out_f, r, d, M, modes, dtype, device, quick, m
         checked = []
         for c in timed:
             row = dict(mode=mode, in_features=in_f, out_features=out_f, r=r, d=d, M=M, candidate=c.name,
-                       backend=c.backend, kind=c.kind, index_bytes_per_elem=c.index_bytes_per_elem)
+                       backend=c.backend, kind=c.kind, index_bytes_per_elem=c.index_bytes_per_elem,
+                       **model_columns(in_f, out_f, r, M, dtype, mode, device))
             if c.kind == "unilora":
                 ok, detail = check(c, ref, x, g, mode, dtype)
             else:

@@ -44,6 +44,7 @@ LAYER_COLUMNS = [
     "device", "dtype", "mode", "in_features", "out_features", "r", "d", "M", "candidate", "backend", "kind",
     "correct", "check", "median_ms", "p20_ms", "p80_ms", "device_ms", "device_ms_source", "naive_ref", "ratio_to_naive", "ratio_to_base",
     "index_bytes_per_elem", "saved_bytes", "largest_alloc_bytes", "peak_mem_bytes",
+    "model_device", "model_base_ms", "model_split_ms", "model_fold_ms", "fold_min_m",
 ]
 # Options that make a run cover less than the full plan; such a run is "partial".
 PARTIAL_OPTIONS = ("quick", "tiny", "candidates", "shapes", "ds", "ms", "modes", "no_model", "no_host")
@@ -159,8 +160,10 @@ def print_table(rows, out=sys.stdout):
         groups.setdefault((r["in_features"], r["out_features"], r["d"], r["mode"]), []).append(r)
     for (in_f, out_f, d, mode), rs in groups.items():
         cands = list(dict.fromkeys(r["candidate"] for r in rs))
-        print(f"\n{in_f}x{out_f}  r={rs[0]['r']}  d={d:,}  {mode}: median ms (x base, x naive)", file=out)
-        print(f"{'M':>6} " + " ".join(f"{c:>26}" for c in cands), file=out)
+        model = rs[0].get("model_device", "")
+        print(f"\n{in_f}x{out_f}  r={rs[0]['r']}  d={d:,}  {mode}: median ms (x base, x naive); "
+              f"the byte/flop model's ms on an {model}: base GEMMs / split / fold", file=out)
+        print(f"{'M':>6} " + " ".join(f"{c:>26}" for c in cands) + f" {'model ' + model:>26}", file=out)
         for M in sorted({r["M"] for r in rs}):
             cells = []
             for c in cands:
@@ -173,6 +176,10 @@ def print_table(rows, out=sys.stdout):
                     rb, rn = r.get("ratio_to_base"), r.get("ratio_to_naive")
                     cells.append(f"{fmt_ms(r['median_ms']):>9} ({rb:5.2f}x, {rn:5.2f}x)"
                                  if rb is not None and rn is not None else f"{fmt_ms(r['median_ms']):>26}")
+            m = next((r for r in rs if r["M"] == M and r.get("model_split_ms") is not None), None)
+            if m is not None:
+                cells.append(f"{fmt_ms(m['model_base_ms']):>8} /{fmt_ms(m['model_split_ms']):>7} /"
+                             f"{fmt_ms(m['model_fold_ms']):>7}")
             print(f"{M:>6} " + " ".join(cells), file=out)
 
 
@@ -262,6 +269,8 @@ def write_summary(out_dir, env, rows, model_rows, skipped, files, started, argv,
         "every candidate was checked against the naive projection (PEFT's layer when installed) at the timed size first.",
         "layer.csv's `device_ms`: GPU time per call from the profiler (kernels, memcpy and memset summed: no launch",
         "gaps, no host time); empty on CPU, which has no device clock apart from the host's (`device_ms_source` says so).",
+        "`model_*_ms`: the byte/flop model of backends/cost_model.py for `model_device` (the GPU benchmarked, an H100",
+        "on a CPU run): the base GEMMs, the split and the fold schedule; `fold_min_m`: the rows from which cuda/triton fold.",
         "",
         "## Layer",
         "",

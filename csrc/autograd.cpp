@@ -21,14 +21,14 @@ std::tuple<at::Tensor, at::Tensor> call_linear(const at::Tensor& x, const at::Te
                                                const at::Tensor& theta, const at::Tensor& scales,
                                                const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
                                                at::IntArrayRef hash_params, double p,
-                                               const c10::optional<at::Tensor>& seed) {
+                                               const c10::optional<at::Tensor>& seed, int64_t fold_min_m) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("unilora_C::linear", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                           at::IntArrayRef, double, const c10::optional<at::Tensor>&)>();
-  return op.call(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed);
+                           at::IntArrayRef, double, const c10::optional<at::Tensor>&, int64_t)>();
+  return op.call(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, fold_min_m);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_linear_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
@@ -37,15 +37,15 @@ std::tuple<at::Tensor, at::Tensor> call_linear_backward(const at::Tensor& g, con
                                                         const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
                                                         double p, const c10::optional<at::Tensor>& seed,
                                                         const at::Tensor& h, bool need_x,
-                                                        bool need_theta, bool deterministic) {
+                                                        bool need_theta, bool deterministic, int64_t fold_min_m) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("unilora_C::linear_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, at::IntArrayRef, double,
-                           const c10::optional<at::Tensor>&, const at::Tensor&, bool, bool, bool)>();
+                           const c10::optional<at::Tensor>&, const at::Tensor&, bool, bool, bool, int64_t)>();
   return op.call(g, x, w, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, h, need_x, need_theta,
-                 deterministic);
+                 deterministic, fold_min_m);
 }
 
 class LinearFunction : public torch::autograd::Function<LinearFunction> {
@@ -54,8 +54,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
                             const c10::optional<at::Tensor>& bias, bool weight_t, const at::Tensor& theta,
                             const at::Tensor& scales, const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
                             std::vector<int64_t> hash_params, double p, const c10::optional<at::Tensor>& seed,
-                            bool deterministic) {
-    auto [out, h] = call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed);
+                            bool deterministic, int64_t fold_min_m) {
+    auto [out, h] = call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed,
+                                fold_min_m);
     ctx->save_for_backward({x, w, theta, scales, idx_a, idx_b, h});
     ctx->saved_data["weight_t"] = weight_t;
     ctx->saved_data["r"] = r;
@@ -65,6 +66,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     // (a seed changed in place in between would change it; UniLoRALinear draws a new one per call).
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["deterministic"] = deterministic;
+    ctx->saved_data["fold_min_m"] = fold_min_m;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return out;
   }
@@ -85,13 +87,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       std::tie(gx, gt) = call_linear_backward(
           g, x, w, weight_t, theta, saved[3], saved[4], saved[5], ctx->saved_data["r"].toInt(), hash_params,
           ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toOptional<at::Tensor>(), saved[6], need_x,
-          need_theta, ctx->saved_data["deterministic"].toBool());
+          need_theta, ctx->saved_data["deterministic"].toBool(), ctx->saved_data["fold_min_m"].toInt());
     }
     if (need_w) gw = weight_t ? at::mm(x.t(), g) : at::mm(g.t(), x);  // a trainable base weight
     if (need_b) gb = g.sum(0);
     return {need_x ? gx : at::Tensor(), gw, gb, at::Tensor(), need_theta ? gt : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -100,16 +102,18 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
                            const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
-                           const c10::optional<at::Tensor>& seed, bool deterministic) {
+                           const c10::optional<at::Tensor>& seed, bool deterministic, int64_t fold_min_m) {
   return LinearFunction::apply(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params.vec(), p, seed,
-                               deterministic);
+                               deterministic, fold_min_m);
 }
 
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
                               const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
-                              double p, const c10::optional<at::Tensor>& seed, bool /*deterministic*/) {
-  return std::get<0>(call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed));
+                              double p, const c10::optional<at::Tensor>& seed, bool /*deterministic*/,
+                              int64_t fold_min_m) {
+  return std::get<0>(call_linear(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed,
+                                 fold_min_m));
 }
 
 }  // namespace unilora

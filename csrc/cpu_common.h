@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> backward_gathered(const at::Tensor& g, const 
 // ---- cpu_fold.cpp ----
 // Whether the fused linear folds the update into the base weight (W' = W + B A).
 bool fold_into_weight(int64_t M, const at::Tensor& x, const at::Tensor& w, at::ScalarType cd, const Dropout& dr,
-                      const Projection& pj);
+                      int64_t fold_min_m);
 // W + B A in the weight's layout, contiguous: a view of this thread's fold buffer, valid until
 // this thread's next fold.
 at::Tensor folded_weight(const at::Tensor& w, bool weight_t, const at::Tensor& A, const at::Tensor& B);

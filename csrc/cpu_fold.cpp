@@ -30,13 +30,13 @@ at::Tensor fold_scratch(const at::Tensor& w) {
 }  // namespace
 
 // Both give x W'^T up to fp32 rounding; folding moves 2*in*out elements (read W, write W')
-// instead of M*(in + 2*out) (read x, read and write the output), so it wins once
-// M >= max(in, out). fp32/fp64 only (a bf16 W' would round the update away) and never with
-// dropout (the mask applies to the adapter's input only).
+// instead of M*(in + 2*out) (read x, read and write the output). The row threshold is the
+// caller's (policy.fold_min_m: M >= max(in, out) on CPU); fp32/fp64 only (these loops) and never
+// with dropout (the mask applies to the adapter's input only).
 bool fold_into_weight(int64_t M, const at::Tensor& x, const at::Tensor& w, at::ScalarType cd, const Dropout& dr,
-                      const Projection& pj) {
-  return !dr.active && x.scalar_type() == cd && w.scalar_type() == cd && M > kSmallM &&
-         M >= std::max(pj.in_f, pj.out_f);  // decode sizes keep h (linear_cpu)
+                      int64_t fold_min_m) {
+  return fold_min_m >= 0 && !dr.active && x.scalar_type() == cd && w.scalar_type() == cd && M > kSmallM &&
+         M >= fold_min_m;  // decode sizes keep h (linear_cpu)
 }
 
 // One streaming pass (simd::fold_rows) where addmm with K = r is several times slower and

@@ -16,7 +16,8 @@ at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
 
 std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Tensor& w,
                                               const c10::optional<at::Tensor>& bias, bool weight_t,
-                                              const at::Tensor& theta, const Projection& pj, const Dropout& dr) {
+                                              const at::Tensor& theta, const Projection& pj, const Dropout& dr,
+                                              int64_t fold_min_m) {
   using namespace cpu;
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   const int64_t M = x.size(0);
@@ -26,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Ten
   if (use_decode_linear(M, x, w, bias, weight_t, theta, pj, dr)) {
     h = at::empty({M, pj.r}, x.options().dtype(cd));
     out = decode_linear(x, w, bias, theta, pj, h);
-  } else if (fold_into_weight(M, x, w, cd, dr, pj)) {
+  } else if (fold_into_weight(M, x, w, cd, dr, fold_min_m)) {
     const auto [A, B] = gather_cpu(theta, pj, cd);
     out = base_linear(x, folded_weight(w, weight_t, A, B), bias, weight_t);
   } else {
@@ -43,12 +44,13 @@ std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Ten
 std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                        bool weight_t, const at::Tensor& theta, const Projection& pj,
                                                        const Dropout& dr, const at::Tensor& h, bool need_x,
-                                                       bool need_theta, bool /*deterministic: always*/) {
+                                                       bool need_theta, bool /*deterministic: always*/,
+                                                       int64_t fold_min_m) {
   using namespace cpu;
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type(), g.scalar_type()});
   const int64_t M = x.size(0);
   if (use_decode_backward(M, g, x, w, theta, pj, dr)) return decode_backward(g, x, w, weight_t, theta, pj, h, need_x, need_theta);
-  const bool fold = need_x && g.scalar_type() == cd && fold_into_weight(M, x, w, cd, dr, pj);
+  const bool fold = need_x && g.scalar_type() == cd && fold_into_weight(M, x, w, cd, dr, fold_min_m);
   const bool adapter_x = need_x && !fold;
   const bool adapter = M > 0 && (adapter_x || need_theta);
   at::Tensor A, B;

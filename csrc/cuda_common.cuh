@@ -94,6 +94,10 @@ void scatter_add_(at::Tensor& grad, const at::Tensor& dA, const at::Tensor& dB, 
 // dst += src * keep * scale (fresh == false) or dst = src * keep * scale (fresh); dst contiguous.
 void masked_add_(at::Tensor& dst, const at::Tensor& src, const Dropout& dr, bool fresh);
 
+// W + B A (cuda_fold.cu): contiguous, in W's layout and dtype (A, B gathered in it, contiguous);
+// weight_t: W is Conv1D's (in, out).
+at::Tensor fold_weight(const at::Tensor& w, bool weight_t, const at::Tensor& A, const at::Tensor& B);
+
 // Fused small-M forward (cuda_decode.cu): returns false when the shape or dtypes are outside it.
 bool decode_forward(at::Tensor& out, const at::Tensor& x, const at::Tensor& theta, const Projection& pj,
                     const Dropout& dr, at::Tensor& h);

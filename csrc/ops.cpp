@@ -253,14 +253,14 @@ int64_t weight_out(const at::Tensor& w, bool weight_t) { return w.dim() == 2 ? w
 
 using LinearFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                         const c10::optional<at::Tensor>&, bool, const at::Tensor&,
-                                                        const Projection&, const Dropout&);
+                                                        const Projection&, const Dropout&, int64_t);
 
 template <LinearFn impl>
 std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tensor& w,
                                              const c10::optional<at::Tensor>& bias, bool weight_t,
                                              const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
                                              const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
-                                             const c10::optional<at::Tensor>& seed) {
+                                             const c10::optional<at::Tensor>& seed, int64_t fold_min_m) {
   check_dropout(p);
   check_linear_weight(x, w, weight_t, theta);
   const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
@@ -272,13 +272,13 @@ std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tens
   check_same_device(x, "x", theta);
   at::Tensor seed_keep;
   const Dropout dr = dropout_arg(p, seed, x, seed_keep);
-  return impl(x, w, bias, weight_t, theta, pj, dr);
+  return impl(x, w, bias, weight_t, theta, pj, dr, fold_min_m);
 }
 
 using LinearBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, bool, const at::Tensor&,
                                                                 const Projection&, const Dropout&, const at::Tensor&,
-                                                                bool, bool, bool);
+                                                                bool, bool, bool, int64_t);
 
 template <LinearBackwardFn impl>
 std::tuple<at::Tensor, at::Tensor> linear_backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
@@ -286,14 +286,15 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_op(const at::Tensor& g, const
                                                       const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
                                                       at::IntArrayRef hash_params, double p,
                                                       const c10::optional<at::Tensor>& seed, const at::Tensor& h,
-                                                      bool need_x, bool need_theta, bool deterministic) {
+                                                      bool need_x, bool need_theta, bool deterministic,
+                                                      int64_t fold_min_m) {
   check_dropout(p);
   check_linear_weight(x, w, weight_t, theta);
   const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
   check_backward(g, x, theta, pj, h, c10::nullopt, true);
   at::Tensor seed_keep;
   const Dropout dr = dropout_arg(p, seed, x, seed_keep);
-  return impl(g, x, w, weight_t, theta, pj, dr, h, need_x, need_theta, deterministic);
+  return impl(g, x, w, weight_t, theta, pj, dr, h, need_x, need_theta, deterministic, fold_min_m);
 }
 
 // ---- mixed batches: one adapter per sequence (seq_adapter), theta or a row of the table ----
@@ -505,20 +506,23 @@ TORCH_LIBRARY(unilora_C, m) {
       "scatter_grad(Tensor grad_a, Tensor grad_b, Tensor scales, Tensor idx_a, Tensor idx_b, int d, "
       "int[] hash_params, ScalarType dtype, bool deterministic) -> Tensor");
   // The frozen base linear (nn.Linear; transformers' Conv1D when weight_t) and the update on 2-D x:
-  // (out, h). h may be empty ((0, r): the CPU backward recomputes it from x).
+  // (out, h). h may be empty ((0, r): the CPU backward recomputes it from x). Calls of at least
+  // fold_min_m rows (-1: none; the layer plans pass policy.fold_min_m) without dropout may run one
+  // GEMM on W + B A (CUDA: above decode sizes, h empty and the backward folds too).
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, Tensor idx_a, "
-      "Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed) -> (Tensor, Tensor)");
+      "Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, int fold_min_m=-1) -> (Tensor, Tensor)");
   // Its backward: (grad_x = g W + ((g B) A) * mask, grad_theta); unrequested outputs are empty.
   m.def(
       "linear_backward(Tensor grad_out, Tensor x, Tensor weight, bool weight_t, Tensor theta, Tensor scales, "
       "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, Tensor h, bool need_x, bool need_theta, "
-      "bool deterministic) -> (Tensor, Tensor)");
+      "bool deterministic, int fold_min_m=-1) -> (Tensor, Tensor)");
   // The output of `linear`, differentiable in x, weight, bias and theta with its autograd in C++
   // (csrc/autograd.cpp): the eager training path of UniLoRALinear on the compiled backends.
   m.def(
       "linear_autograd(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, "
-      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, bool deterministic) -> Tensor");
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, bool deterministic, "
+      "int fold_min_m=-1) -> Tensor");
   // Mixed batches: row m runs the adapter of its sequence seq_adapter[m / (M / S)] (int32 (S,), on x's
   // device): -1 none, 0 theta, k > 0 row k - 1 of table (capacity, d). out (x's dtype) += drop(x) A_a^T B_a^T.
   m.def(

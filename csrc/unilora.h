@@ -51,15 +51,17 @@ at::Tensor scatter_cpu(const at::Tensor& dA, const at::Tensor& dB, const Project
                        bool deterministic);
 
 // The frozen base linear (nn.Linear; Conv1D when weight_t) and the update in one op: (out, h).
-// The CPU version returns an empty h (its backward recomputes h) and may fold B A into W.
+// The CPU version returns an empty h (its backward recomputes h). Calls of at least fold_min_m
+// rows (< 0: none) without dropout may fold B A into W (one GEMM on W + B A; CUDA: h empty too).
 std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Tensor& w,
                                               const c10::optional<at::Tensor>& bias, bool weight_t,
-                                              const at::Tensor& theta, const Projection& pj, const Dropout& dr);
+                                              const at::Tensor& theta, const Projection& pj, const Dropout& dr,
+                                              int64_t fold_min_m);
 // (grad_x, grad_theta) of linear: grad_x = g W + ((g B) A) * mask, grad_theta = P^T [dA | dB].
 std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                        bool weight_t, const at::Tensor& theta, const Projection& pj,
                                                        const Dropout& dr, const at::Tensor& h, bool need_x,
-                                                       bool need_theta, bool deterministic);
+                                                       bool need_theta, bool deterministic, int64_t fold_min_m);
 
 // Mixed batches: row m reads the adapter of its sequence, seq_adapter[m / (M / S)] (int32 (S,)):
 // -1 none, 0 theta, k > 0 row k - 1 of table (capacity, d). out (x's dtype) += drop(x) A_a^T B_a^T;
@@ -81,12 +83,13 @@ int64_t mixed_map_builds();
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
                            const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
-                           const c10::optional<at::Tensor>& seed, bool deterministic);
+                           const c10::optional<at::Tensor>& seed, bool deterministic, int64_t fold_min_m);
 // Below autograd (inference mode): the output alone.
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               bool weight_t, const at::Tensor& theta, const at::Tensor& scales,
                               const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params,
-                              double p, const c10::optional<at::Tensor>& seed, bool deterministic);
+                              double p, const c10::optional<at::Tensor>& seed, bool deterministic,
+                              int64_t fold_min_m);
 
 #ifdef UNILORA_WITH_CUDA
 // ---- CUDA (cuda_*.cu) ----
@@ -101,11 +104,14 @@ at::Tensor scatter_cuda(const at::Tensor& dA, const at::Tensor& dB, const Projec
                         bool deterministic);
 std::tuple<at::Tensor, at::Tensor> linear_cuda(const at::Tensor& x, const at::Tensor& w,
                                                const c10::optional<at::Tensor>& bias, bool weight_t,
-                                               const at::Tensor& theta, const Projection& pj, const Dropout& dr);
+                                               const at::Tensor& theta, const Projection& pj, const Dropout& dr,
+                                               int64_t fold_min_m);
+// (an h of 0 rows for M > 0: the forward folded; the backward folds too and recomputes h)
 std::tuple<at::Tensor, at::Tensor> linear_backward_cuda(const at::Tensor& g, const at::Tensor& x,
                                                         const at::Tensor& w, bool weight_t, const at::Tensor& theta,
                                                         const Projection& pj, const Dropout& dr, const at::Tensor& h,
-                                                        bool need_x, bool need_theta, bool deterministic);
+                                                        bool need_x, bool need_theta, bool deterministic,
+                                                        int64_t fold_min_m);
 // Mixed batches (cuda_mixed.cu): a block per row; the backward adds with fp32 atomics and
 // refuses deterministic mode when asked for theta gradients.
 void mixed_forward_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& table,

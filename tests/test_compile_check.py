@@ -28,7 +28,7 @@ def test_compile_check_sm80_sm90(tmp_path):
                       run.stdout, flags=re.M)
     kernels = {r[0] for r in rows}
     for name in ("fused_fwd_kernel", "shrink_kernel", "expand_kernel", "bwd_x_kernel", "bwd_db_kernel",
-                 "csr_reduce_kernel", "gather_kernel"):
+                 "fold_kernel", "bwd_g_kernel", "csr_reduce_kernel", "gather_kernel"):
         assert name in kernels, f"{name} was not compiled: {sorted(kernels)}"
     assert {r[3] for r in rows} == {"80", "90"}
     assert {"float16", "bfloat16", "float32"} <= {r[2] for r in rows}

@@ -132,18 +132,23 @@ def test_opcheck_every_cpp_op(kind, p):
     )
     torch.library.opcheck(C._hashed_index.default, (torch.arange(50, dtype=torch.int64), 50, 7, 99))
     torch.library.opcheck(C._philox_randint.default, (torch.arange(50, dtype=torch.int64), 5))
-    # the fused linear ops (M = 6 < max(in, out): update path; 14 rows: the fold path)
+    # the fused linear ops (M = 6 < max(in, out): update path; 14 rows with fold_min_m = max(in, out):
+    # the fold path (without dropout); fold_min_m left out: -1, never)
     w = torch.randn(out_f, in_f)
     b = torch.randn(out_f)
+    fold = max(in_f, out_f)
     for xs in (x, torch.randn(14, in_f)):
-        torch.library.opcheck(C.linear.default, (xs, w, b, False) + common)
+        for tail in ((), (fold,)):
+            torch.library.opcheck(C.linear.default, (xs, w, b, False) + common + tail)
         gs = torch.randn(xs.shape[0], out_f)
         h0 = torch.empty(0, r)
         for need_x, need_t in ((True, True), (True, False), (False, True)):
-            torch.library.opcheck(C.linear_backward.default, (gs, xs, w, False) + common + (h0, need_x, need_t, False))
+            torch.library.opcheck(C.linear_backward.default,
+                                  (gs, xs, w, False) + common + (h0, need_x, need_t, False, fold))
         for bias in (b, None):
             args = (xs.clone().requires_grad_(True), w, bias, False, theta.clone().requires_grad_(True)) + common[1:]
-            torch.library.opcheck(C.linear_autograd.default, args + (False,))
+            for tail in ((), (fold,)):
+                torch.library.opcheck(C.linear_autograd.default, args + (False,) + tail)
 
 
 @needs_ext

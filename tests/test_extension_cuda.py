@@ -241,3 +241,27 @@ def test_forward_backward_capture_in_a_cuda_graph_with_fresh_dropout(M, dtype):
         assert_close(gx, ref["grad_x"], dtype, "grad_x")
         assert_close(gt, ref["grad_theta"], dtype, "grad_theta")
     assert len(seen) == 3, "every replay must draw a fresh seed"
+
+
+@pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["uniform", "hashed"])
+def test_fold_schedule_matches_oracle(weight_t, dtype, kind):
+    """fold_min_m: a call of at least that many rows runs one GEMM on W + B A (cuda_fold.cu), returns
+    an h of no rows, and its backward folds again (grad_x = g W', h, gB, dA, dB, one scatter); a
+    smaller call keeps the split schedule. Both equal the float64 oracle; opcheck passes with it."""
+    for M, fold in ((301, True), (200, False)):
+        proj, theta, x = _inputs((M, 1031, 517, 5), dtype, kind)
+        w = (torch.randn(517, 1031, device=DEV) / 1031**0.5).to(dtype)
+        wt = w.t().contiguous() if weight_t else w
+        b = torch.randn(517, device=DEV).to(dtype)
+        g = torch.randn(M, 517, device=DEV).to(dtype)
+        common = (theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), 0.0, None)
+        out, h = C.linear(x, wt, b, weight_t, *common, 300)
+        assert h.shape[0] == (0 if fold else M)
+        gx, gt = C.linear_backward(g, x, wt, weight_t, *common, h, True, True, False, 300)
+        ref = oracle(x, theta, proj, weight=wt, bias=b, weight_t=weight_t, grad_out=g)
+        assert_close(out, ref["out"], dtype, f"M={M}: out")
+        assert_close(gx, ref["grad_x"], dtype, f"M={M}: grad_x")
+        assert_close(gt, ref["grad_theta"], dtype, f"M={M}: grad_theta")
+        torch.library.opcheck(C.linear.default, (x, wt, b, weight_t) + common + (300,))

@@ -15,7 +15,8 @@ Scenarios cover every dtype (fp16, bf16, fp32) and the constexpr variants: ``hea
 hashed projection, dropout, grad_x accumulated: the register-hungriest code), ``light``
 (r = 16, uniform, no dropout, fresh grad_x) and ``det`` (deterministic mode: fixed configs,
 partial buffers, the CSR reduction); each also records the mixed-batch kernels (many adapters
-per batch: decode and prefill shapes, forward and backward). Exit status 1 on any compile or
+per batch: decode and prefill shapes, forward and backward) and, but ``det``, the large-M fold
+schedule's (``fold_kernel``, ``bwd_g_kernel``). Exit status 1 on any compile or
 ptxas failure, or on any spill in a default config (the one the interpreter and deterministic
 mode use, and the autotuner's fallback).
 """
@@ -126,6 +127,8 @@ def record() -> list:
                         if dtype_name == "float32":
                             tb.lora_matrices(theta, proj)
                         _record_mixed(tb, name, theta, proj, p, seed, dtype)
+                        if not det:
+                            _record_fold(tb, theta, proj, dtype)
                     launches += [(ln.launcher, name, dtype_name, ln.args, ln.meta, ln.configs) for ln in rec]
     finally:
         for k, v in saved.items():
@@ -134,6 +137,21 @@ def record() -> list:
             else:
                 os.environ[k] = v
     return launches
+
+
+def _record_fold(tb, theta, proj, dtype) -> None:
+    """The large-M schedule's launches (no dropout; never in deterministic mode): the fold of
+    W + B A (nn.Linear and Conv1D layouts) and the fold backward (h, the one pass over g, dA)."""
+    import torch
+
+    from .backends import PlanSpec, row_bucket
+
+    plan = tb.make_plan(PlanSpec(proj, torch.device("cpu"), dtype, theta.dtype, 0.0, row_bucket(M_PREFILL), False))
+    weight = torch.empty((SIZE, SIZE), dtype=dtype)
+    for weight_t in (False, True):
+        plan.fold_weight(weight, weight_t, theta)
+    x, g = (torch.empty((M_PREFILL, SIZE), dtype=dtype) for _ in range(2))
+    plan.fold_backward(g, x, theta, True)
 
 
 def _record_mixed(tb, scenario: str, theta, proj, p: float, seed, dtype) -> None:

@@ -197,7 +197,7 @@ class UniLoRALinear(nn.Module):
         return plan
 
     def _new_plan(self, key: tuple) -> Optional[LayerPlan]:
-        device, x_dtype, _grad, training, cast, det, bucket = key
+        device, x_dtype, grad, training, cast, det, bucket = key
         theta_in = self.theta_d
         theta = policy.theta_for_kernels(theta_in)
         if theta.device != device or self.unilora_indices_A.device != device:
@@ -219,7 +219,7 @@ class UniLoRALinear(nn.Module):
         spec = PlanSpec(proj, device, dtype, theta.dtype, p, bucket, policy.deterministic())
         impl = backends.get_backend(backend, device.type)
         return LayerPlan(backend, spec, compiled_linear=hasattr(impl, "linear_autograd"), cast=cast,
-                         theta_in=theta_in.dtype, weight_t=self._weight_t)
+                         theta_in=theta_in.dtype, weight_t=self._weight_t, grad=grad)
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -335,16 +335,21 @@ class UniLoRALinear(nn.Module):
                     x2d = x if flat else x.reshape(-1, in_f)
                     if plan.c_train is not None:  # cpu / cuda: one C++ call each way
                         if grad:
-                            out = plan.c_train(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed, plan.det)
+                            out = plan.c_train(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed, plan.det,
+                                               plan.fold)
                         else:
-                            out = plan.c_infer(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed)[0]
+                            out = plan.c_infer(x2d, weight, bias, self._weight_t, theta, *plan.c_args, seed, plan.fold)[0]
                         return out if flat else out.view(*x.shape[:-1], self.out_features)
                     if grad:
                         return PlanLinear.apply(x, weight, bias, theta, seed, plan)
                     if x2d.stride(-1) != 1:
                         x2d = x2d.contiguous()
-                    out = ops.base_linear(x2d, weight, bias, self._weight_t)
-                    plan.update.forward_(out, x2d, theta, seed)
+                    if x2d.shape[0] >= plan.fold:  # large M: one GEMM on W + B A
+                        out = ops.base_linear(x2d, plan.update.fold_weight(weight, self._weight_t, theta), bias,
+                                              self._weight_t)
+                    else:
+                        out = ops.base_linear(x2d, weight, bias, self._weight_t)
+                        plan.update.forward_(out, x2d, theta, seed)
                     return out.view(*x.shape[:-1], self.out_features)
         if plan.cast is not None:
             return self._forward_general(x, args, kwargs)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, ops
-from .backends import PlanSpec
+from .backends import PlanSpec, policy
 
 
 class ModulePlan:
@@ -56,10 +56,10 @@ class LayerPlan:
     """One layer's resolved call for one key (see the module docstring)."""
 
     __slots__ = ("backend", "spec", "update", "c_train", "c_infer", "c_args", "p", "det", "cast", "theta_in",
-                 "theta_up", "weight_t")
+                 "theta_up", "weight_t", "fold")
 
     def __init__(self, backend: str, spec: PlanSpec, compiled_linear: bool, cast: Optional[torch.dtype],
-                 theta_in: Optional[torch.dtype] = None, weight_t: bool = False):
+                 theta_in: Optional[torch.dtype] = None, weight_t: bool = False, grad: bool = False):
         self.backend = backend
         self.weight_t = weight_t  # the layer's base stores W as (in, out) (transformers' Conv1D)
         # theta_d's own dtype when the plan was built; theta_up: the kernels read it upcast (policy.theta_for_kernels)
@@ -78,6 +78,11 @@ class LayerPlan:
             self.c_infer = torch.ops.unilora_C.linear.default
         else:
             self.c_train = self.c_infer = None
+        # calls of at least this many rows fold W + B A (the extension's fold_min_m; PlanLinear on Triton)
+        self.fold = policy.FOLD_NEVER
+        if compiled_linear or getattr(self.update, "can_fold", False):
+            self.fold = policy.fold_min_m(backend, spec.device, spec.x_dtype, proj.in_features, proj.out_features,
+                                          proj.r, self.p > 0, grad, self.det)
 
 
 class PlanLinear(torch.autograd.Function):
@@ -92,8 +97,13 @@ class PlanLinear(torch.autograd.Function):
         flat = x.dim() == 2  # 2-D x (the layer's usual call): no reshape or view
         x2d = x if flat else x.reshape(-1, x.shape[-1])
         weight_t = plan.weight_t
-        out = ops.base_linear(x2d, weight, bias, True) if weight_t else F.linear(x2d, weight, bias)  # = base_linear
-        h = plan.update.forward_(out, x2d, theta, seed)
+        if x2d.shape[0] >= plan.fold:  # large M: one GEMM on W + B A; the backward recomputes h
+            weight_f = plan.update.fold_weight(weight, weight_t, theta)
+            out = ops.base_linear(x2d, weight_f, bias, True) if weight_t else F.linear(x2d, weight_f, bias)
+            h = None
+        else:
+            out = ops.base_linear(x2d, weight, bias, True) if weight_t else F.linear(x2d, weight, bias)  # = base_linear
+            h = plan.update.forward_(out, x2d, theta, seed)
         ctx.save_for_backward(x2d, theta, seed, h, weight)
         ctx.plan = plan
         return out if flat else out.view(*x.shape[:-1], out.shape[-1])
@@ -104,12 +114,19 @@ class PlanLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_theta, _, _ = ctx.needs_input_grad
         flat = grad_out.dim() == 2
         g2d = grad_out if flat else grad_out.reshape(-1, grad_out.shape[-1])  # any strides: plans read them
-        weight_t = ctx.plan.weight_t
+        plan = ctx.plan
+        weight_t = plan.weight_t
         grad_x = grad_w = grad_b = grad_theta = None
-        if need_x:
-            grad_x = g2d @ (weight.t() if weight_t else weight)
-        if need_x or need_theta:
-            grad_x, grad_theta = ctx.plan.update.backward(g2d, x2d, theta, seed, h, grad_x, need_x, need_theta)
+        if h is None:  # the fold schedule: grad_x = g (W + B A), theta's gradient in three passes
+            if need_x:
+                weight_f = plan.update.fold_weight(weight, weight_t, theta)
+                grad_x = g2d @ (weight_f.t() if weight_t else weight_f)
+            grad_theta = plan.update.fold_backward(g2d, x2d, theta, need_theta)
+        else:
+            if need_x:
+                grad_x = g2d @ (weight.t() if weight_t else weight)
+            if need_x or need_theta:
+                grad_x, grad_theta = plan.update.backward(g2d, x2d, theta, seed, h, grad_x, need_x, need_theta)
         if need_w:
             grad_w = x2d.t() @ g2d if weight_t else g2d.t() @ x2d
         if need_b:

@@ -43,7 +43,7 @@ import torch
 
 from . import LayerProjection
 from .policy import (ACTIVATION_DTYPES, DECODE_MAX_M, DECODE_MAX_R, THETA_DTYPES, compute_dtype, deterministic,
-                     optimizer_steps)
+                     fold_min_m, optimizer_steps)
 
 try:  # importing the library registers torch.ops.unilora_C
     from .. import _C
@@ -95,12 +95,15 @@ def device_unavailable_reason(name: str, device_type: str) -> Optional[str]:
     return None
 
 
-def h_rows(device_type: str, M: int) -> int:
-    """Rows of the h that ``unilora_C::linear`` returns: M on CUDA; on CPU M at decode sizes (up to
-    the build's ``cpu_small_m`` rows, where h is a by-product of the forward and saves the backward
-    a pass), else 0: the backward recomputes h from the x rows it reads for dA anyway."""
+def h_rows(device_type: str, M: int, fold_min_m: int = -1, p: float = 0.0, gemm_in_x_dtype: bool = True) -> int:
+    """Rows of the h that ``unilora_C::linear`` returns: on CPU M at decode sizes (up to the build's
+    ``cpu_small_m`` rows, where h is a by-product of the forward and saves the backward a pass), else
+    0: the backward recomputes h from the x rows it reads for dA anyway. On CUDA M, except 0 where the
+    call folds (csrc/cuda_ops.cu ``fold_call``: no dropout, above decode sizes, M >= fold_min_m >= 0,
+    GEMMs in x's dtype), whose backward folds too."""
     if device_type != "cpu":
-        return M
+        fold = 0 <= fold_min_m <= M and M > DECODE_MAX_M and p == 0 and gemm_in_x_dtype
+        return 0 if fold else M
     return M if M <= _CPU_SMALL_M else 0
 
 
@@ -140,18 +143,20 @@ if _C is not None:
         return grad_a.new_empty((d,), dtype=dtype)
 
     @torch.library.register_fake("unilora_C::linear")
-    def _linear_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed):
+    def _linear_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, fold_min_m=-1):
         out_f = weight.shape[1] if weight_t else weight.shape[0]
-        return x.new_empty((x.shape[0], out_f)), x.new_empty((h_rows(x.device.type, x.shape[0]), r),
-                                                             dtype=compute_dtype(x.dtype, theta.dtype))
+        in_x = x.dtype == torch.float64 or theta.dtype != torch.float64
+        rows = h_rows(x.device.type, x.shape[0], fold_min_m, p, in_x)
+        return x.new_empty((x.shape[0], out_f)), x.new_empty((rows, r), dtype=compute_dtype(x.dtype, theta.dtype))
 
     @torch.library.register_fake("unilora_C::linear_autograd")
-    def _linear_autograd_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, det):
+    def _linear_autograd_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, det,
+                              fold_min_m=-1):
         return x.new_empty((x.shape[0], weight.shape[1] if weight_t else weight.shape[0]))
 
     @torch.library.register_fake("unilora_C::linear_backward")
     def _linear_backward_fake(g, x, weight, weight_t, theta, scales, idx_a, idx_b, r, hash_params, p, seed, h, need_x,
-                              need_theta, deterministic):
+                              need_theta, deterministic, fold_min_m=-1):
         gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
         gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
         return gx, gt
@@ -272,15 +277,26 @@ def backward(g, x, theta, proj: LayerProjection, p: float, seed, h, grad_x, need
     return grad_x, (grad_theta if need_theta else None)
 
 
+def fold_rows(x: torch.Tensor, proj: LayerProjection, p: float) -> int:
+    """The ``fold_min_m`` the module functions pass (the ops outside a layer plan: torch.compile,
+    ``uk.ops``): CPU's ``policy.fold_min_m``; on CUDA -1, the split schedule (the fake kernels of
+    the custom ops above these cannot see a threshold; the eager layer passes its plan's)."""
+    if x.device.type != "cpu":
+        return -1
+    return fold_min_m("cpu", x.device, x.dtype, proj.in_features, proj.out_features, proj.r, p > 0, True,
+                      deterministic())
+
+
 def linear(x, weight, bias, weight_t: bool, theta, proj: LayerProjection, p: float, seed):
     """(out, h) of the frozen base linear plus the update on 2-D x, in one C++ op: nn.Linear
     (``x W^T + b``) or, when ``weight_t``, transformers' Conv1D (``x W + b``). h has
-    ``h_rows(device, M)`` rows (above decode sizes the CPU backward recomputes it). For M >= max(in, out) in
-    fp32/fp64 without dropout, the CPU kernels fold B A into W (one GEMM with K = r) rather than
-    adding (x A^T) B^T to the output: fewer bytes moved, the same function up to rounding."""
+    ``h_rows(device, M)`` rows (above decode sizes the CPU backward recomputes it). Where
+    ``fold_rows`` says so (CPU: M >= max(in, out) in fp32/fp64 without dropout), the kernels fold
+    B A into W (one GEMM on W + B A) rather than adding (x A^T) B^T to the output: fewer bytes
+    moved, the same function up to rounding."""
     return torch.ops.unilora_C.linear(
         x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed, x),
+        float(p), _seed(p, seed, x), fold_rows(x, proj, p),
     )
 
 
@@ -289,7 +305,7 @@ def linear_autograd(x, weight, bias, weight_t: bool, theta, proj: LayerProjectio
     ``UniLoRALinear`` runs for eager training on the ``cpu`` backend, one C++ call each way."""
     return torch.ops.unilora_C.linear_autograd(
         x, weight, bias, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed, x), deterministic(),
+        float(p), _seed(p, seed, x), deterministic(), fold_rows(x, proj, p),
     )
 
 
@@ -298,7 +314,7 @@ def linear_backward(g, x, weight, weight_t: bool, theta, proj: LayerProjection, 
     """(grad_x, grad_theta) of ``linear``: grad_x = g W + ((g B) A) * mask; None where not asked for."""
     gx, gt = torch.ops.unilora_C.linear_backward(
         g, x, weight, bool(weight_t), theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params),
-        float(p), _seed(p, seed, x), h, bool(need_x), bool(need_theta), deterministic(),
+        float(p), _seed(p, seed, x), h, bool(need_x), bool(need_theta), deterministic(), fold_rows(x, proj, p),
     )
     return (gx if need_x else None), (gt if need_theta else None)
 

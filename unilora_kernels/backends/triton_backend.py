@@ -52,7 +52,7 @@ from .triton_launch import (IMPORT_ERROR, INTERPRET, Launcher, Slot, autotune_on
                             large_tiles, recording, run, single_config, tune_slots)
 
 if IMPORT_ERROR is None:
-    from ..triton_kernels import index_math, lora_bwd, lora_fwd, mixed
+    from ..triton_kernels import index_math, lora_bwd, lora_fold, lora_fwd, mixed
 
 # fp32 accumulation throughout: float64 activations go to backend="reference".
 SUPPORTED_DTYPES = tuple(t for t in ACTIVATION_DTYPES if t != torch.float64)
@@ -174,6 +174,10 @@ if IMPORT_ERROR is None:
                      restore_value=["gx_ptr", "gt_ptr"], interpret_blocks=dict(BLOCK_M=128, BLOCK_K=1024))
     BWD_DB = Launcher(lora_bwd.bwd_db_kernel, lora_bwd.BWD_DB_CONFIGS, key=["M_BUCKET", "N", "R", "HASHED", "LOWP"],
                       restore_value=["gt_ptr"], interpret_blocks=dict(BLOCK_M=128, BLOCK_N=1024))
+    FOLD = Launcher(lora_fold.fold_kernel, lora_fold.FOLD_CONFIGS, key=["N", "K", "R", "HASHED"],
+                    interpret_blocks=dict(BLOCK_N=128, BLOCK_K=1024))
+    BWD_G = Launcher(lora_fold.bwd_g_kernel, lora_fold.BWD_G_CONFIGS, key=["M_BUCKET", "N", "R", "HASHED", "LOWP"],
+                     reset_to_zero=["gb_ptr"], restore_value=["gt_ptr"], interpret_blocks=dict(BLOCK_M=128, BLOCK_N=1024))
     CSR_REDUCE = Launcher(lora_bwd.csr_reduce_kernel, single_config(BLOCK=lora_bwd.CSR_BLOCK))
     GATHER = Launcher(index_math.gather_kernel, single_config(BLOCK=GATHER_BLOCK))
     _KEY_MIXED = ["M_BUCKET", "R", "HASHED", "DROPOUT", "LOWP", "ROWS"]
@@ -184,7 +188,7 @@ if IMPORT_ERROR is None:
     MIXED_DW = Launcher(mixed.mixed_dw_kernel, mixed.MIXED_DW_CONFIGS, key=_KEY_MIXED + ["C"],
                         restore_value=["gt_ptr", "gtab_ptr"])
     MIXED_CSR_REDUCE = Launcher(mixed.mixed_csr_reduce_kernel, single_config(BLOCK=lora_bwd.CSR_BLOCK))
-    LAUNCHERS = (FUSED, SHRINK, EXPAND, BWD_X, BWD_DB, CSR_REDUCE, GATHER, MIXED_SHRINK, MIXED_EXPAND, MIXED_DW,
+    LAUNCHERS = (FUSED, SHRINK, EXPAND, BWD_X, BWD_DB, FOLD, BWD_G, CSR_REDUCE, GATHER, MIXED_SHRINK, MIXED_EXPAND, MIXED_DW,
                  MIXED_CSR_REDUCE)
 
 
@@ -377,6 +381,7 @@ class TritonPlan:
         self.det = det = spec.deterministic
         self.tune = tune and not det
         self.fused = schedule == "fused"
+        self.can_fold = not self.fused  # the large-M schedule's kernels are set up (policy.fold_min_m decides)
         self.dropout = dropout = spec.dropout_p > 0
         self.n_sm = _num_sms(dev)
         self.n_layer = R * (K + N)
@@ -408,6 +413,12 @@ class TritonPlan:
             self.ex = slot(EXPAND, dict(RP=RP, HASHED=hashed, LOWP=lowp, NC=NC), 0, N)
             self.ex_args = dict(idx_ptr=idx_b, N=N, R=R, w_stride_r=1, w_stride_c=R, perm_base=base_b,
                                 M_BUCKET=rows, **pa)
+            # the large-M schedule (fold_linear / fold_backward; policy.fold_min_m decides per call)
+            self.fo = slot(FOLD, dict(RP=RP, NC=_nc(RP, False), HASHED=hashed, LOWP=False), K, N)
+            self.fo_args = dict(idx_a_ptr=idx_a, idx_b_ptr=idx_b, N=N, K=K, R=R, perm_base_a=base_a,
+                                perm_base_b=base_b, **pa)
+            self.bg = slot(BWD_G, dict(RP=RP, HASHED=hashed, LOWP=lowp), 0, N)
+            self.bg_args = dict(idx_ptr=idx_b, N=N, R=R, perm_base=base_b, M_BUCKET=rows, **pa)
         # gB = g B (M, R) fp32: the shrink kernel with W = B^T (positions n * R + r), no dropout.
         self.gb = slot(SHRINK, dict(RP=RP, HASHED=hashed, LOWP=lowp, DROPOUT=False), N, 0)
         self.gb_args = dict(idx_ptr=idx_b, K=N, R=R, w_stride_r=1, w_stride_c=R, perm_base=base_b,
@@ -569,6 +580,46 @@ class TritonPlan:
                      rowptr_ptr=csr.rowptr, cols_ptr=csr.cols, U=csr.U, splits=splits_det, n_layer=self.n_layer,
                      max_len=csr.max_len, d=d, perm_D=self.db_args["perm_D"]))
         return (grad_x2d if need_x else None), grad_theta
+
+    # ---------------------------------------------------------------- large M: the fold -----
+    def fold_weight(self, weight, weight_t: bool, theta):
+        """``W + B A`` in a fresh tensor of W's dtype and strides (the caching allocator hands the
+        same block to every layer's fold in turn: one layer's weight of workspace at a time).
+        ``weight_t``: W is stored (in, out) (transformers' Conv1D)."""
+        wf = torch.empty_like(weight)
+        s_n, s_k = (weight.stride(1), weight.stride(0)) if weight_t else weight.stride()  # element (n, k)
+        fo = self.fo
+        run(fo, (_cdiv(self.N, fo.blocks["BLOCK_N"]), _cdiv(self.K, fo.blocks["BLOCK_K"])),
+            {**self.fo_args, "w_ptr": weight, "out_ptr": wf, "stride_wn": s_n, "stride_wk": s_k,
+             "theta_ptr": theta, "d": theta.shape[0]})
+        return wf
+
+    def fold_backward(self, g2d, x2d, theta, need_theta: bool):
+        """theta_d's gradient of the fold schedule (no dropout): ``h = x A^T`` (shrink), ``gB`` and
+        ``dB`` in one pass over g (bwd_g_kernel), ``dA`` in one pass over x (bwd_x_kernel, NEED_X off)."""
+        M, R, d = x2d.shape[0], self.R, theta.shape[0]
+        if not need_theta:
+            return None
+        grad_theta = theta.new_zeros(d)
+        if M == 0:
+            return grad_theta
+        geo = self._geo.get(M) or self._geometry(M)
+        h = theta.new_zeros(M, R) if geo.sh[1] > 1 else theta.new_empty(M, R)
+        run(self.sh, geo.sh, {**self.sh_args, "x_ptr": x2d, "y_ptr": h, "M": M, "stride_xm": x2d.stride(0) if M > 1 else
+                              self.K, "theta_ptr": theta, "d": d, "seed_ptr": None})
+        combo = (False, True, False)
+        grid, _, db_grid = geo.bwd.get(combo) or self._backward_grids(geo, M, combo)
+        gb = theta.new_zeros(M, R)
+        bg = self.bg
+        n_tiles = _cdiv(self.N, bg.blocks["BLOCK_N"])
+        bg_grid = (n_tiles, max(1, min(_cdiv(2 * self.n_sm, n_tiles), _cdiv(M, bg.blocks["BLOCK_M"]))))  # _splits
+        run(bg, bg_grid, {**self.bg_args, "g_ptr": g2d, "h_ptr": h, "gb_ptr": gb, "gt_ptr": grad_theta,
+                          "theta_ptr": theta, "M": M, "stride_gm": g2d.stride(0) if M > 1 else self.N,
+                          "stride_gn": g2d.stride(1), "d": d})
+        run(self.bx[combo], grid, {**self.bx_args, "gb_ptr": gb, "x_ptr": x2d, "gx_ptr": None, "gt_ptr": grad_theta,
+                                   "part_ptr": None, "M": M, "stride_xm": x2d.stride(0) if M > 1 else self.K,
+                                   "stride_gxm": 0, "theta_ptr": theta, "d": d, "seed_ptr": None})
+        return grad_theta
 
     def _fresh_csr(self, theta) -> triton_csr.CSR:
         """The layer's CSR (``csr_of``), kept with what it was built for: d and the index tables'
