@@ -231,3 +231,21 @@ def test_cpu_fold_threshold_comes_from_the_policy(monkeypatch, knob, folds):
     _check_layer(layer, x, g, torch.float32, f"knob={knob}")
     (plan,) = {id(p): p for p in layer._plans.values()}.values()
     assert (x.shape[0] >= plan.fold) == folds, plan.fold
+
+
+def test_fold_workspace_is_reported(monkeypatch):
+    """uk.fold_workspace_bytes: the largest W + B A a built plan folds (Triton: one weight, fp16 here)."""
+    _backend("triton")
+    monkeypatch.setenv("UNILORA_FOLD_MIN_M", "17")
+    model = nn.Sequential(nn.Linear(37, 29), nn.Linear(29, 45))
+    uk.inject(model, target_modules=["0", "1"], r=3, theta_d_length=50, backend="triton")
+    assert uk.fold_workspace_bytes(model) == 0  # no plan yet
+    model.to(DEVICE, torch.float16)
+    with torch.no_grad():
+        model(torch.randn(20, 37, device=DEVICE, dtype=torch.float16))
+    assert uk.fold_workspace_bytes(model) == 29 * 45 * 2
+    monkeypatch.setenv("UNILORA_FOLD_MIN_M", "off")
+    uk.clear_plans(model)
+    with torch.no_grad():
+        model(torch.randn(20, 37, device=DEVICE, dtype=torch.float16))
+    assert uk.fold_workspace_bytes(model) == 0

@@ -26,9 +26,10 @@ FOLD_CONFIGS = [
     cfg(8, 2, False, BLOCK_N=64, BLOCK_K=128),
     cfg(4, 2, False, BLOCK_N=32, BLOCK_K=128),
 ]
-BWD_G_CONFIGS = [
-    cfg(4, 2, True, BLOCK_M=64, BLOCK_N=64),
-    cfg(8, 2, True, BLOCK_M=64, BLOCK_N=128),
+BWD_G_CONFIGS = [  # r = 64 keeps a (BN, 64) B tile and two (BM, 64) fp32 tiles live: eight warps
+    cfg(4, 2, True, rps=(16, 32), BLOCK_M=64, BLOCK_N=64),
+    cfg(8, 2, True, rps=(64,), BLOCK_M=64, BLOCK_N=64),
+    cfg(8, 2, True, rps=(16, 32), BLOCK_M=64, BLOCK_N=128),
     cfg(8, 2, True, BLOCK_M=128, BLOCK_N=64),
     cfg(4, 2, False, BLOCK_M=32, BLOCK_N=32),
     cfg(4, 2, False, BLOCK_M=16, BLOCK_N=32),

@@ -2,7 +2,7 @@
 
 Public API: ``UniLoRAConfig``, ``inject``, ``UniLoRALinear``, ``from_peft``, ``load_adapter``,
 ``add_adapter``, ``adapter_batch`` and the rest of ``adapters.py`` (many adapters in one batch),
-``save_adapter``, ``merge``, ``unmerge``, ``clear_plans``, ``export_lora``, ``ops`` and ``build_info``.
+``save_adapter``, ``merge``, ``unmerge``, ``clear_plans``, ``fold_workspace_bytes``, ``export_lora``, ``ops`` and ``build_info``.
 """
 
 from . import hf_trainer  # UniLoRATrainer, adapter_checkpoints: transformers is imported on first use
@@ -14,7 +14,7 @@ from .backends import BackendNotAvailableError
 from .build_info import build_info
 from .config import UniLoRAConfig
 from .layer import UniLoRALinear
-from .model import clear_plans, find_targets, inject, iter_layers, merge, unmerge
+from .model import clear_plans, find_targets, fold_workspace_bytes, inject, iter_layers, merge, unmerge
 from .peft_io import export_lora, from_peft, load_adapter, save_adapter
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "clear_plans",
     "export_lora",
     "find_targets",
+    "fold_workspace_bytes",
     "from_peft",
     "hf_trainer",
     "inject",

@@ -7,9 +7,11 @@ import re
 import warnings
 from typing import Optional
 
+import torch
 from torch import nn
 
 from . import backends
+from .backends import policy
 from .bank import UniLoRABank, init_theta
 from .config import UniLoRAConfig
 from .layer import Conv1D, UniLoRALinear, base_features
@@ -250,3 +252,17 @@ def clear_plans(model: nn.Module) -> nn.Module:
     for _, layer in iter_layers(model):
         layer.clear_plans()
     return model
+
+
+def fold_workspace_bytes(model: nn.Module) -> int:
+    """The GPU workspace the large-M schedule needs: the bytes of the largest ``W + B A`` among the
+    plans built so far (calls of ``layer.fold`` rows or more fold into a fresh weight-sized tensor,
+    one layer at a time), 0 if no plan folds. ``UNILORA_FOLD_MAX_MIB`` bounds it; cpu plans fold into
+    a per-thread buffer of at most 64 MiB and are not counted."""
+    most = 0  # bytes
+    for _, layer in iter_layers(model):
+        for plan in layer._bucket_plans.values():
+            if plan.fold < policy.FOLD_NEVER and plan.backend in ("cuda", "triton"):
+                elt = torch.empty((), dtype=plan.spec.x_dtype).element_size()
+                most = max(most, layer.in_features * layer.out_features * elt)
+    return most
