@@ -22,6 +22,9 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 LAUNCH_S = 3e-6  # a kernel launch's device-side gap, the same for every kernel
+# The fold's host side is a few calls more (two folds and their workspaces): it is chosen only where
+# the model says it saves at least this much device time per call, so tiny, host-bound layers keep split.
+FOLD_MIN_SAVING_S = 10e-6
 
 
 class Peak(NamedTuple):
@@ -80,9 +83,11 @@ M_SEARCH_MAX = 1 << 24  # rows above which the model is not asked (the fold wins
 
 
 def fold_threshold(K: int, N: int, r: int, elt: int, training: bool, peak: Peak) -> int:
-    """The smallest M at which the model puts ``fold`` below ``split`` (M_SEARCH_MAX + 1 if none)."""
+    """The smallest M at which the model puts ``fold`` at least ``FOLD_MIN_SAVING_S`` below ``split``
+    (M_SEARCH_MAX + 1 if none)."""
     def wins(m: int) -> bool:
-        return predict_s("fold", m, K, N, r, elt, training, peak) < predict_s("split", m, K, N, r, elt, training, peak)
+        fold = predict_s("fold", m, K, N, r, elt, training, peak)
+        return fold + FOLD_MIN_SAVING_S <= predict_s("split", m, K, N, r, elt, training, peak)
 
     if not wins(M_SEARCH_MAX):
         return M_SEARCH_MAX + 1
