@@ -8,7 +8,7 @@
 //   cpu_backward.cpp    grad_x and grad_theta of the update: BLAS row blocks or the SIMD loops
 //   cpu_adapter_simd.cpp  tensors -> the pointer-level loops of cpu_simd.h, split between threads
 //   cpu_dropout.cpp     dropout (Philox mask) on row blocks of x
-//   cpu_fold.cpp        W + B A in the weight's layout, in a per-thread buffer
+//   cpu_fold.cpp        W + B A in the weight's layout, in a per-thread buffer; kFoldCpu (fold_schedule.cpp)
 //   cpu_linear.cpp      the fused base linear + update (linear_cpu, linear_backward_cpu)
 //   cpu_mixed.cpp       mixed batches: one adapter per sequence (mixed_forward_cpu, mixed_backward_cpu)
 #pragma once

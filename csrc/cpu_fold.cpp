@@ -64,3 +64,40 @@ at::Tensor folded_weight(const at::Tensor& w, bool weight_t, const at::Tensor& A
 
 }  // namespace cpu
 }  // namespace unilora
+
+namespace unilora {
+namespace {
+
+// The CPU side of the shared large-M schedule (fold_schedule.cpp), for the test ops that check on
+// CPU the code CUDA runs: the same steps, with CPU kernels.
+std::tuple<at::Tensor, at::Tensor> cpu_prepare(const at::Tensor& theta, const Projection& pj, at::ScalarType dtype,
+                                               at::Tensor* grad) {
+  const auto [A, B] = gather_cpu(theta, pj, compute_dtype({dtype, theta.scalar_type()}));
+  if (grad != nullptr) grad->zero_();
+  return {A.to(dtype).contiguous(), B.to(dtype).contiguous()};
+}
+
+at::Tensor cpu_fold(const at::Tensor& w, bool weight_t, const at::Tensor& A, const at::Tensor& B) {
+  if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) {
+    return cpu::folded_weight(w, weight_t, A, B).clone();  // the thread's fold buffer is reused by the next fold
+  }
+  // fp16/bf16: products and sum in fp32, rounded once, as the CUDA kernel does
+  const at::Tensor a = A.to(at::kFloat), b = B.to(at::kFloat);
+  const at::Tensor delta = weight_t ? at::mm(a.t(), b.t()) : at::mm(b, a);
+  return (w.to(at::kFloat) + delta).to(w.scalar_type()).contiguous();
+}
+
+void cpu_scatter_add(at::Tensor& grad, const at::Tensor& dA, const at::Tensor& dB, const Projection& pj,
+                     bool deterministic) {
+  grad.add_(scatter_cpu(dA.contiguous(), dB.contiguous(), pj, grad.scalar_type(), deterministic));
+}
+
+at::Tensor cpu_mm_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a.to(acc), b.to(acc));
+}
+
+}  // namespace
+
+const FoldDevice kFoldCpu{cpu_prepare, cpu_fold, cpu_scatter_add, cpu_mm_acc};
+
+}  // namespace unilora

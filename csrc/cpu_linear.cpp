@@ -3,16 +3,6 @@
 #include "cpu_common.h"
 
 namespace unilora {
-namespace {
-
-// Exactly what nn.Linear (F.linear -> addmm) or transformers' Conv1D computes on 2-D x.
-at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                       bool weight_t) {
-  const at::Tensor wt = weight_t ? w : w.t();  // (in, out)
-  return bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_cpu(const at::Tensor& x, const at::Tensor& w,
                                               const c10::optional<at::Tensor>& bias, bool weight_t,

@@ -56,3 +56,28 @@ at::Tensor fold_weight(const at::Tensor& w, bool weight_t, const at::Tensor& A, 
 
 }  // namespace cuda
 }  // namespace unilora
+
+namespace unilora {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> cuda_prepare(const at::Tensor& theta, const Projection& pj, at::ScalarType dtype,
+                                                at::Tensor* grad) {
+  const cuda::Prepared pr = cuda::prepare(theta, pj, dtype, nullptr, Dropout{}, nullptr, grad);  // one launch
+  return {pr.A, pr.B};
+}
+
+void cuda_scatter_add(at::Tensor& grad, const at::Tensor& dA, const at::Tensor& dB, const Projection& pj,
+                      bool deterministic) {
+  cuda::scatter_add_(grad, dA, dB, pj, deterministic);
+}
+
+// fp16/bf16 operands: cuBLAS writes its fp32 accumulator out directly (mm's out dtype)
+at::Tensor cuda_mm_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
+}  // namespace
+
+const FoldDevice kFoldCuda{cuda_prepare, cuda::fold_weight, cuda_scatter_add, cuda_mm_acc};
+
+}  // namespace unilora

@@ -106,46 +106,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g, const at::
   return {gx_new, grad_theta};
 }
 
-namespace {
-
-// Exactly what nn.Linear (addmm with W^T) or transformers' Conv1D (addmm with W) computes.
-at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                       bool weight_t) {
-  const at::Tensor wt = weight_t ? w : w.t();  // (in, out)
-  return bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
-}
-
-// The large-M schedule (policy.fold_min_m picks the threshold): no dropout, above decode sizes,
-// and GEMMs in x's own dtype (an fp64 theta beside lower-precision x keeps the split path).
-bool fold_call(int64_t M, int64_t fold_min_m, const Dropout& dr, const at::Tensor& x, at::ScalarType gt) {
-  return fold_min_m >= 0 && !dr.active && M > kDecodeMaxM && M >= fold_min_m && x.scalar_type() == gt;
-}
-
-// The fold schedule's backward: prepare (A, B in x's dtype, the gradient zeroed), grad_x = g W'
-// (W' folded again: one weight of workspace), h = x A^T, gB = g B, dA = gB^T x, dB = g^T h, one scatter.
-std::tuple<at::Tensor, at::Tensor> fold_backward_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
-                                                      bool weight_t, const at::Tensor& theta, const Projection& pj,
-                                                      const Dropout& dr, bool need_x, bool need_theta,
-                                                      bool deterministic, at::ScalarType cd) {
-  const at::ScalarType gt = x.scalar_type();
-  const at::Tensor gg = g.scalar_type() == gt ? g : g.to(gt);
-  at::Tensor grad_theta = at::empty({need_theta ? pj.d : 0}, theta.options());
-  const cuda::Prepared pr = cuda::prepare(theta, pj, gt, nullptr, dr, nullptr, need_theta ? &grad_theta : nullptr);
-  at::Tensor gx = at::empty({0}, x.options());
-  if (need_x) {
-    const at::Tensor wf = cuda::fold_weight(w, weight_t, pr.A, pr.B);
-    gx = at::mm(gg, weight_t ? wf.t() : wf);
-  }
-  if (need_theta) {
-    const at::Tensor h = at::mm(x, pr.A.t());  // (M, r) in x's dtype, as the split path's cast of h
-    const at::Tensor gB = at::mm(gg, pr.B);     // (M, r)
-    cuda::scatter_add_(grad_theta, mm_acc(gB.t(), x, cd), mm_acc(gg.t(), h, cd), pj, deterministic);
-  }
-  return {gx, grad_theta};
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> linear_cuda(const at::Tensor& x, const at::Tensor& w,
                                                const c10::optional<at::Tensor>& bias, bool weight_t,
                                                const at::Tensor& theta, const Projection& pj, const Dropout& dr,
@@ -154,10 +114,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cuda(const at::Tensor& x, const at::Te
   const at::ScalarType cd = compute_dtype({x.scalar_type(), theta.scalar_type()});
   const int64_t M = x.size(0);
   if (fold_call(M, fold_min_m, dr, x, gemm_dtype(x, cd))) {
-    // one GEMM on W + B A; h has no rows: the backward folds too and recomputes h
-    const cuda::Prepared pr = cuda::prepare(theta, pj, x.scalar_type(), nullptr, dr, nullptr, nullptr);
-    return {base_linear(x, cuda::fold_weight(w, weight_t, pr.A, pr.B), bias, weight_t),
-            at::empty({0, pj.r}, x.options().dtype(cd))};
+    return fold_linear(x, w, bias, weight_t, theta, pj, kFoldCuda);  // the large-M schedule (fold_schedule.cpp)
   }
   at::Tensor out = base_linear(x, w, bias, weight_t);
   if (M == 0) return {out, at::empty({0, pj.r}, x.options().dtype(cd))};
@@ -181,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cuda(const at::Tensor& g, con
     TORCH_CHECK(!dr.active && x.scalar_type() == gemm_dtype(x, cd),
                 "unilora: the CUDA backward needs h from the forward (an h of 0 rows is the fold schedule's: "
                 "no dropout, GEMMs in x's dtype)");
-    return fold_backward_cuda(g, x, w, weight_t, theta, pj, dr, need_x, need_theta, deterministic, cd);
+    return fold_linear_backward(g, x, w, weight_t, theta, pj, need_x, need_theta, deterministic, kFoldCuda);
   }
   TORCH_CHECK(h.size(0) == M, "unilora: the CUDA backward needs h from the forward");
   at::Tensor gx = need_x ? at::mm(g, weight_t ? w.t() : w) : at::empty({0}, x.options());

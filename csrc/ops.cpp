@@ -275,6 +275,40 @@ std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tens
   return impl(x, w, bias, weight_t, theta, pj, dr, fold_min_m);
 }
 
+// The shared large-M schedule (fold_schedule.cpp) on one device's kernels, whatever the rows: the
+// test ops _fold_linear / _fold_linear_backward (CUDA's linear ops run the same code above their
+// threshold).
+template <const FoldDevice& dev>
+std::tuple<at::Tensor, at::Tensor> fold_linear_op(const at::Tensor& x, const at::Tensor& w,
+                                                  const c10::optional<at::Tensor>& bias, bool weight_t,
+                                                  const at::Tensor& theta, const at::Tensor& scales,
+                                                  const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
+                                                  at::IntArrayRef hash_params) {
+  check_linear_weight(x, w, weight_t, theta);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == pj.out_f && bias->scalar_type() == x.scalar_type(),
+                "unilora: bias must be (", pj.out_f, ",) of x's dtype, got ", bias->scalar_type(), " ", bias->sizes());
+    check_same_device(*bias, "bias", theta);
+  }
+  check_same_device(x, "x", theta);
+  return fold_linear(x, w, bias, weight_t, theta, pj, dev);
+}
+
+template <const FoldDevice& dev>
+std::tuple<at::Tensor, at::Tensor> fold_linear_backward_op(const at::Tensor& g, const at::Tensor& x,
+                                                           const at::Tensor& w, bool weight_t, const at::Tensor& theta,
+                                                           const at::Tensor& scales, const at::Tensor& idx_a,
+                                                           const at::Tensor& idx_b, int64_t r,
+                                                           at::IntArrayRef hash_params, bool need_x, bool need_theta,
+                                                           bool deterministic) {
+  check_linear_weight(x, w, weight_t, theta);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
+  const at::Tensor no_h = at::empty({0, r}, x.options().dtype(compute_dtype({x.scalar_type(), theta.scalar_type()})));
+  check_backward(g, x, theta, pj, no_h, c10::nullopt, true);
+  return fold_linear_backward(g, x, w, weight_t, theta, pj, need_x, need_theta, deterministic, dev);
+}
+
 using LinearBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, bool, const at::Tensor&,
                                                                 const Projection&, const Dropout&, const at::Tensor&,
@@ -540,6 +574,15 @@ TORCH_LIBRARY(unilora_C, m) {
       "mixed_backward(Tensor grad_out, Tensor x, Tensor theta, Tensor table, Tensor seq_adapter, Tensor scales, "
       "Tensor idx_a, Tensor idx_b, int r, int[] hash_params, float p, Tensor? seed, bool need_x, bool need_theta, "
       "bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // Test ops: the large-M schedule CUDA's linear ops run above fold_min_m (fold_schedule.cpp), on any
+  // device's kernels and any rows: (out, h of 0 rows) and (grad_x or empty, grad_theta or empty).
+  m.def(
+      "_fold_linear(Tensor x, Tensor weight, Tensor? bias, bool weight_t, Tensor theta, Tensor scales, "
+      "Tensor idx_a, Tensor idx_b, int r, int[] hash_params) -> (Tensor, Tensor)");
+  m.def(
+      "_fold_linear_backward(Tensor grad_out, Tensor x, Tensor weight, bool weight_t, Tensor theta, "
+      "Tensor scales, Tensor idx_a, Tensor idx_b, int r, int[] hash_params, bool need_x, bool need_theta, "
+      "bool deterministic) -> (Tensor, Tensor)");
   // Test ops: the header's index and dropout functions, element-wise over int64 tensors.
   m.def("_hashed_index(Tensor positions, int D, int d, int key) -> Tensor");
   m.def("_philox_randint(Tensor offsets, int seed) -> Tensor");
@@ -558,6 +601,8 @@ TORCH_LIBRARY_IMPL(unilora_C, CPU, m) {
   m.impl("mixed_backward", &unilora::mixed_backward_op<&unilora::mixed_backward_cpu>);
   m.impl("mixed_decode_", &unilora::mixed_decode_op);
   m.impl("decode_columns", &unilora::decode_columns_op);
+  m.impl("_fold_linear", &unilora::fold_linear_op<unilora::kFoldCpu>);
+  m.impl("_fold_linear_backward", &unilora::fold_linear_backward_op<unilora::kFoldCpu>);
   m.impl("_hashed_index", &unilora::hashed_index_op_cpu);
   m.impl("_philox_randint", &unilora::philox_op_cpu);
 }
@@ -577,6 +622,8 @@ TORCH_LIBRARY_IMPL(unilora_C, CUDA, m) {
   m.impl("linear_backward", &unilora::linear_backward_op<&unilora::linear_backward_cuda>);
   m.impl("mixed_forward_", &unilora::mixed_forward_op<&unilora::mixed_forward_cuda>);
   m.impl("mixed_backward", &unilora::mixed_backward_op<&unilora::mixed_backward_cuda>);
+  m.impl("_fold_linear", &unilora::fold_linear_op<unilora::kFoldCuda>);
+  m.impl("_fold_linear_backward", &unilora::fold_linear_backward_op<unilora::kFoldCuda>);
   m.impl("_hashed_index", &unilora::hashed_index_op_cuda);
   m.impl("_philox_randint", &unilora::philox_op_cuda);
 }

@@ -79,6 +79,40 @@ void mixed_decode_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& col
 // How many times the cpu mixed ops built a layer's element map (a cache miss): for tests.
 int64_t mixed_map_builds();
 
+// ---- fold_schedule.cpp: the large-M schedule (W + B A folded, one GEMM each way) on any device ----
+// Exactly what nn.Linear (addmm with W^T) or transformers' Conv1D (addmm with W, weight_t) computes on 2-D x.
+at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool weight_t);
+// Whether a linear call folds: fold_min_m >= 0 rows or more (policy.fold_min_m), no dropout,
+// above decode sizes, GEMMs in x's own dtype.
+bool fold_call(int64_t M, int64_t fold_min_m, const Dropout& dr, const at::Tensor& x, at::ScalarType gemm_dtype);
+// The kernels a device brings to the schedule.
+struct FoldDevice {
+  // (A, B) gathered in `dtype`, contiguous; zeroes *grad ((d,), theta's dtype) when given
+  std::tuple<at::Tensor, at::Tensor> (*prepare)(const at::Tensor& theta, const Projection& pj, at::ScalarType dtype,
+                                                at::Tensor* grad);
+  // W + B A in W's dtype and layout (weight_t: Conv1D's (in, out)), contiguous
+  at::Tensor (*fold)(const at::Tensor& w, bool weight_t, const at::Tensor& A, const at::Tensor& B);
+  // grad += P^T [dA | dB] (dA, dB in the compute dtype)
+  void (*scatter_add)(at::Tensor& grad, const at::Tensor& dA, const at::Tensor& dB, const Projection& pj,
+                      bool deterministic);
+  // a b with the result in `acc` (fp32 for fp16/bf16 operands, without a rounding to them)
+  at::Tensor (*mm_acc)(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc);
+};
+// (out, h of 0 rows) and (grad_x or empty, grad_theta or empty) of the folded call.
+std::tuple<at::Tensor, at::Tensor> fold_linear(const at::Tensor& x, const at::Tensor& w,
+                                               const c10::optional<at::Tensor>& bias, bool weight_t,
+                                               const at::Tensor& theta, const Projection& pj, const FoldDevice& dev);
+std::tuple<at::Tensor, at::Tensor> fold_linear_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                                        bool weight_t, const at::Tensor& theta, const Projection& pj,
+                                                        bool need_x, bool need_theta, bool deterministic,
+                                                        const FoldDevice& dev);
+// The devices' kernels for it: CPU (cpu_fold.cpp; for the test ops) and CUDA (cuda_fold.cu).
+extern const FoldDevice kFoldCpu;
+#ifdef UNILORA_WITH_CUDA
+extern const FoldDevice kFoldCuda;
+#endif
+
 // ---- autograd.cpp: unilora_C::linear_autograd, the output of `linear` with autograd in C++ ----
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,

@@ -259,3 +259,62 @@ def test_fold_workspace_is_reported(monkeypatch):
     with torch.no_grad():
         model(torch.randn(20, 37, device=DEVICE, dtype=torch.float16))
     assert uk.fold_workspace_bytes(model) == 0
+
+
+# ------------------------------------------------------------------ the C++ schedule CUDA runs ---
+def _ext_ops():
+    from unilora_kernels.build_info import extension_info
+
+    info = extension_info()
+    if not info.get("built"):
+        pytest.skip(f"the extension is not built: {info}")
+    return torch.ops.unilora_C
+
+
+@pytest.mark.parametrize("kind", ["uniform", "hashed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("M,K,N,r", [(19, 37, 53, 5), (70, 61, 19, 17), (0, 13, 11, 2)])
+def test_shared_cpp_fold_schedule_matches_the_oracle(M, K, N, r, weight_t, dtype, kind):
+    """fold_schedule.cpp, the code CUDA's linear ops run above fold_min_m, on the CPU's kernels
+    (unilora_C::_fold_linear(_backward)): out, grad_x and grad_theta for every needs-grad combination."""
+    C = _ext_ops()
+    proj = make_projection(K, N, r, 41, kind, seed=5)
+    theta = random_theta(41, seed=6).to(torch.float64 if dtype == torch.float64 else torch.float32)  # as gradcheck runs
+    gen = torch.Generator().manual_seed(M + K)
+    w = (torch.randn(N, K, generator=gen, dtype=torch.float64) / K**0.5).to(dtype)
+    wt = w.t().contiguous() if weight_t else w
+    b = torch.randn(N, generator=gen).to(dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    g = torch.randn(M, N, generator=gen).to(dtype)
+    args = (theta, proj.scales, proj.idx_a, proj.idx_b, r, list(proj.hash_params))
+    tol = torch.float32 if dtype == torch.float64 and kind == "hashed" else dtype
+    ref = oracle(x, theta, proj, weight=wt, bias=b, weight_t=weight_t, grad_out=g)
+    out, h = C._fold_linear(x, wt, b, weight_t, *args)
+    assert h.shape == (0, r)
+    assert_close(out, ref["out"], tol, "out")
+    for need_x, need_t in ((True, True), (True, False), (False, True)):
+        gx, gt = C._fold_linear_backward(g, x, wt, weight_t, *args, need_x, need_t, False)
+        if need_x:
+            assert_close(gx, ref["grad_x"], tol, "grad_x")
+        else:
+            assert gx.numel() == 0
+        if need_t:
+            assert_close(gt, ref["grad_theta"], tol, "grad_theta")
+        else:
+            assert gt.numel() == 0
+
+
+def test_shared_cpp_fold_schedule_opcheck_and_errors():
+    C = _ext_ops()
+    proj = make_projection(23, 17, 3, 29, "uniform", seed=1)
+    theta = random_theta(29, seed=2)
+    args = (proj.scales, proj.idx_a, proj.idx_b, 3, list(proj.hash_params))
+    x, w, b, g = torch.randn(21, 23), torch.randn(17, 23), torch.randn(17), torch.randn(21, 17)
+    torch.library.opcheck(C._fold_linear.default, (x, w, b, False, theta) + args)
+    for need_x, need_t in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(C._fold_linear_backward.default, (g, x, w, False, theta) + args + (need_x, need_t, False))
+    with pytest.raises(RuntimeError, match="features but the weight expects"):
+        C._fold_linear(torch.randn(21, 22), w, b, False, theta, *args)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        C._fold_linear(x, w, torch.randn(16), False, theta, *args)

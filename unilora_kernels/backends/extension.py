@@ -161,6 +161,17 @@ if _C is not None:
         gt = theta.new_empty(theta.shape) if need_theta else theta.new_empty(0)
         return gx, gt
 
+    @torch.library.register_fake("unilora_C::_fold_linear")
+    def _fold_linear_fake(x, weight, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params):
+        out_f = weight.shape[1] if weight_t else weight.shape[0]
+        return x.new_empty((x.shape[0], out_f)), x.new_empty((0, r), dtype=compute_dtype(x.dtype, theta.dtype))
+
+    @torch.library.register_fake("unilora_C::_fold_linear_backward")
+    def _fold_linear_backward_fake(g, x, weight, weight_t, theta, scales, idx_a, idx_b, r, hash_params, need_x,
+                                   need_theta, deterministic):
+        return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+                theta.new_empty(theta.shape) if need_theta else theta.new_empty(0))
+
     @torch.library.register_fake("unilora_C::mixed_forward_")
     def _mixed_forward_fake(out, x, theta, table, seq_adapter, scales, idx_a, idx_b, r, hash_params, p, seed):
         return None
