@@ -133,7 +133,7 @@ def model_columns(in_f: int, out_f: int, r: int, M: int, dtype, mode: str, devic
     (the bench's GPU, an H100 on a CPU run), the base GEMMs, the split and fold schedules, and the
     row threshold at which the cuda/triton backends fold (policy.fold_min_m, no dropout)."""
     name, peak = cost_model.peak_named(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = dtype.itemsize
     training = mode == "training"
     flops = peak.flops if elt <= 2 else peak.flops / 4
     gemms = [k for k in cost_model.kernels("split", M, in_f, out_f, r, elt, training) if k[0].endswith("gemm")]

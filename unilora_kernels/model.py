@@ -7,7 +7,6 @@ import re
 import warnings
 from typing import Optional
 
-import torch
 from torch import nn
 
 from . import backends
@@ -263,6 +262,6 @@ def fold_workspace_bytes(model: nn.Module) -> int:
     for _, layer in iter_layers(model):
         for plan in layer._bucket_plans.values():
             if plan.fold < policy.FOLD_NEVER and plan.backend in ("cuda", "triton"):
-                elt = torch.empty((), dtype=plan.spec.x_dtype).element_size()
+                elt = plan.spec.x_dtype.itemsize
                 most = max(most, layer.in_features * layer.out_features * elt)
     return most

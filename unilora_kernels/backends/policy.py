@@ -127,7 +127,7 @@ def fold_min_m(backend: str, device: torch.device, dtype: torch.dtype, in_featur
     threshold (not the conditions). Read when a plan is built."""
     if backend not in FOLD_BACKENDS or dropout or (det and backend == "triton"):
         return FOLD_NEVER
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = dtype.itemsize
     if backend == "cpu":
         if dtype not in THETA_DTYPES:
             return FOLD_NEVER
