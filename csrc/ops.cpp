@@ -251,6 +251,21 @@ void check_linear_weight(const at::Tensor& x, const at::Tensor& w, bool weight_t
 
 int64_t weight_out(const at::Tensor& w, bool weight_t) { return w.dim() == 2 ? w.size(weight_t ? 1 : 0) : -1; }
 
+// The checks of a linear op's forward arguments, and its layer's projection.
+Projection linear_projection(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                             bool weight_t, const at::Tensor& theta, const at::Tensor& scales, const at::Tensor& idx_a,
+                             const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params) {
+  check_linear_weight(x, w, weight_t, theta);
+  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == pj.out_f && bias->scalar_type() == x.scalar_type(),
+                "unilora: bias must be (", pj.out_f, ",) of x's dtype, got ", bias->scalar_type(), " ", bias->sizes());
+    check_same_device(*bias, "bias", theta);
+  }
+  check_same_device(x, "x", theta);
+  return pj;
+}
+
 using LinearFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                         const c10::optional<at::Tensor>&, bool, const at::Tensor&,
                                                         const Projection&, const Dropout&, int64_t);
@@ -262,14 +277,7 @@ std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tens
                                              const at::Tensor& idx_b, int64_t r, at::IntArrayRef hash_params, double p,
                                              const c10::optional<at::Tensor>& seed, int64_t fold_min_m) {
   check_dropout(p);
-  check_linear_weight(x, w, weight_t, theta);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == pj.out_f && bias->scalar_type() == x.scalar_type(),
-                "unilora: bias must be (", pj.out_f, ",) of x's dtype, got ", bias->scalar_type(), " ", bias->sizes());
-    check_same_device(*bias, "bias", theta);
-  }
-  check_same_device(x, "x", theta);
+  const Projection pj = linear_projection(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params);
   at::Tensor seed_keep;
   const Dropout dr = dropout_arg(p, seed, x, seed_keep);
   return impl(x, w, bias, weight_t, theta, pj, dr, fold_min_m);
@@ -284,14 +292,7 @@ std::tuple<at::Tensor, at::Tensor> fold_linear_op(const at::Tensor& x, const at:
                                                   const at::Tensor& theta, const at::Tensor& scales,
                                                   const at::Tensor& idx_a, const at::Tensor& idx_b, int64_t r,
                                                   at::IntArrayRef hash_params) {
-  check_linear_weight(x, w, weight_t, theta);
-  const Projection pj = layer_projection(theta, scales, idx_a, idx_b, r, x.size(1), weight_out(w, weight_t), hash_params);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == pj.out_f && bias->scalar_type() == x.scalar_type(),
-                "unilora: bias must be (", pj.out_f, ",) of x's dtype, got ", bias->scalar_type(), " ", bias->sizes());
-    check_same_device(*bias, "bias", theta);
-  }
-  check_same_device(x, "x", theta);
+  const Projection pj = linear_projection(x, w, bias, weight_t, theta, scales, idx_a, idx_b, r, hash_params);
   return fold_linear(x, w, bias, weight_t, theta, pj, dev);
 }
 
