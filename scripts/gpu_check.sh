@@ -149,7 +149,8 @@ step gpu-tests 85 tests.log "${PYTEST[@]}" "${XDIST[@]}" tests
 # small shapes; no caching allocator, so an out-of-bounds access is outside any allocation.
 T_DECODE=tests/test_extension_cuda.py::test_decode_kernel_equals_cublas_path_and_is_reproducible
 T_MIXED=tests/test_mixed_extension.py::test_cuda_decode_and_prefill_match_cpu
-MEMCHECK_TESTS="${MEMCHECK_TESTS:-$T_DECODE[1] $T_DECODE[7] $T_MIXED[uniform] tests/test_extension_cuda.py::test_deterministic_scatter_is_bitwise_the_cpu_scatter}"
+T_FOLD=tests/test_extension_cuda.py::test_fold_schedule_matches_oracle  # cuda_fold.cu's kernel
+MEMCHECK_TESTS="${MEMCHECK_TESTS:-$T_DECODE[1] $T_DECODE[7] $T_MIXED[uniform] tests/test_extension_cuda.py::test_deterministic_scatter_is_bitwise_the_cpu_scatter $T_FOLD[uniform-torch.bfloat16-conv1d]}"
 RACECHECK_TESTS="${RACECHECK_TESTS:-$T_DECODE[7] $T_MIXED[uniform]}"
 read -r -a MEM <<<"$MEMCHECK_TESTS"  # into arrays: the node ids' [..] must not glob
 read -r -a RACE <<<"$RACECHECK_TESTS"

@@ -264,4 +264,18 @@ def test_fold_schedule_matches_oracle(weight_t, dtype, kind):
         assert_close(out, ref["out"], dtype, f"M={M}: out")
         assert_close(gx, ref["grad_x"], dtype, f"M={M}: grad_x")
         assert_close(gt, ref["grad_theta"], dtype, f"M={M}: grad_theta")
-        torch.library.opcheck(C.linear.default, (x, wt, b, weight_t) + common + (300,))
+
+
+def test_fold_schedule_opcheck():
+    """opcheck of the linear ops with a fold threshold the call reaches (an h of no rows) on CUDA, and
+    of the shared schedule's test ops."""
+    proj, theta, x = _inputs((301, 129, 67, 3), torch.bfloat16, "uniform")
+    w = torch.randn(67, 129, device=DEV).to(torch.bfloat16)
+    b = torch.randn(67, device=DEV).to(torch.bfloat16)
+    g = torch.randn(301, 67, device=DEV).to(torch.bfloat16)
+    common = (theta, proj.scales, proj.idx_a, proj.idx_b, proj.r, list(proj.hash_params), 0.0, None)
+    torch.library.opcheck(C.linear.default, (x, w, b, False) + common + (300,))
+    h0 = torch.empty(0, proj.r, device=DEV)
+    torch.library.opcheck(C.linear_backward.default, (g, x, w, False) + common + (h0, True, True, False, 300))
+    torch.library.opcheck(C._fold_linear.default, (x, w, b, False) + common[:6])
+    torch.library.opcheck(C._fold_linear_backward.default, (g, x, w, False) + common[:6] + (True, True, False))
