@@ -36,10 +36,14 @@ def _available(backend: str) -> bool:
 
 @pytest.mark.parametrize("projection", ["uniform", "hashed"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("backend, M", [("cpu", 1), ("cpu", 64), ("triton", 64), ("triton", 8)])
-def test_package_calls_per_layer_training_step(backend, M, p, projection):
+@pytest.mark.parametrize("backend, M, fold", [("cpu", 1, None), ("cpu", 64, None), ("triton", 64, None),
+                                              ("triton", 8, None), ("triton", 64, "17")])
+def test_package_calls_per_layer_training_step(monkeypatch, backend, M, fold, p, projection):
+    """(fold: UNILORA_FOLD_MIN_M, the large-M schedule where dropout allows it)"""
     if not _available(backend):
         pytest.skip(f"backend {backend} unavailable here")
+    if fold is not None:
+        monkeypatch.setenv("UNILORA_FOLD_MIN_M", fold)
     from unilora_kernels.backends import triton_launch
 
     torch.manual_seed(0)

@@ -78,8 +78,9 @@ def _step(module, x, g):
 
 @pytest.mark.parametrize("projection", ["uniform", "hashed"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("M", [3, 40])  # the fused (decode) and split schedules
-def test_layer_forward_and_backward_read_nothing_on_the_host(projection, p, M):
+@pytest.mark.parametrize("M", [3, 40, 41])  # the fused (decode), split and (no dropout) fold schedules
+def test_layer_forward_and_backward_read_nothing_on_the_host(monkeypatch, projection, p, M):
+    monkeypatch.setenv("UNILORA_FOLD_MIN_M", "41")  # the large-M schedule from 41 rows (plans read it when built)
     torch.manual_seed(0)
     layer = uk.UniLoRALinear(nn.Linear(37, 29), r=4, theta_d_length=301, unilora_dropout=p,
                              projection=projection, backend="triton").to(DEVICE)
