@@ -60,7 +60,9 @@ def extension_modules():
     if force_cuda and CUDA_HOME is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
     # No -std flag: torch's cpp_extension adds the standard its headers need (C++17 or C++20).
-    cxx = ["-O3"]
+    # -g0 drops the debug info Python's CFLAGS ask for: it halves the C++ compile time (the SIMD
+    # templates); UNILORA_DEBUG_SYMBOLS=1 keeps it.
+    cxx = ["-O3"] + ([] if _flag("UNILORA_DEBUG_SYMBOLS") else ["-g0"])
     # define_macros reach both cxx and nvcc.
     define_macros = [("UNILORA_" + name, value) for name, value in read_decode_limits().items()]
     if use_cuda:
