@@ -24,13 +24,18 @@ def test_compile_check_sm80_sm90(tmp_path):
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
     assert "no default config spills" in out, out[-2000:]
-    rows = re.findall(r"^(\w+_kernel)\s+(\w+)\s+(\w+)\s+.*?\s(80|90)\s+\d+\s+(\d+)/(\d+)\s+\d+\s+ok$",
+    # every row of the table, whatever its status: tuning candidates may not spill either
+    rows = re.findall(r"^(\w+_kernel)\s+(\w+)\s+(\w+)\s+.*?\s(80|90)\s+\d+\s+(\d+)/(\d+)\s+\d+\s+(\S.*)$",
                       run.stdout, flags=re.M)
+    total = re.search(r"^(\d+) compilations", run.stdout, flags=re.M)
+    assert total is not None and len(rows) == int(total.group(1)), (len(rows), out[-2000:])
     kernels = {r[0] for r in rows}
     for name in ("fused_fwd_kernel", "shrink_kernel", "expand_kernel", "bwd_x_kernel", "bwd_db_kernel",
-                 "fold_kernel", "bwd_g_kernel", "csr_reduce_kernel", "gather_kernel"):
+                 "fold_kernel", "bwd_g_kernel", "csr_reduce_kernel", "gather_kernel",
+                 # the mixed-batch kernels (many adapters per batch): compiled here, not in a run of their own
+                 "mixed_shrink_kernel", "mixed_expand_kernel", "mixed_dw_kernel", "mixed_csr_reduce_kernel"):
         assert name in kernels, f"{name} was not compiled: {sorted(kernels)}"
     assert {r[3] for r in rows} == {"80", "90"}
     assert {"float16", "bfloat16", "float32"} <= {r[2] for r in rows}
-    spills = [r for r in rows if r[4] != "0" or r[5] != "0"]
+    spills = [r for r in rows if r[4] != "0" or r[5] != "0" or r[6] != "ok"]
     assert not spills, f"register spills (explain them or change the config): {spills}"
